@@ -1,0 +1,1 @@
+"""Adversarial prompt attacks, one module per method; see ``benchmark.registry.ATTACKS``."""

@@ -1,0 +1,1 @@
+"""Robust concept-erasure benchmark for text-to-image diffusion models."""

@@ -1,0 +1,161 @@
+"""Command line: ``python -m benchmark {run,list,show,leaderboard}``."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("benchmark")
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _add_run_parser(commands) -> None:
+    parser = commands.add_parser(
+        "run", help="erase, attack and evaluate one or more cells",
+        description="Run defense x attack cells on a concept. Without --model and --concept this runs the "
+                    "embedded default world and its default concept. Comma-separated lists run every combination.",
+    )
+    parser.add_argument("--defense", default="none", help="defense name(s), e.g. advunlearn or none,esd-x")
+    parser.add_argument("--attack", default="none", help="attack name(s), e.g. unlearndiffatk or none,p4d-n")
+    parser.add_argument("--concept", help="concept name or concept YAML file (default: the default world's circle)")
+    parser.add_argument("--model", help="registered model, local diffusers folder, .ckpt/.safetensors file or "
+                                        "cached Hugging Face id (default: the concept's model)")
+    parser.add_argument("--prompts", help="prompt CSV to use instead of the concept's prompt set")
+    parser.add_argument("--config", dest="config_file", help="YAML or TOML file with config sections")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, e.g. --set attack.k=5 (repeatable)")
+    parser.add_argument("--output", type=Path, default=Path("runs"), help="results root folder (default: runs/)")
+    parser.add_argument("--fresh", action="store_true", help="delete the cell's earlier results and start over")
+    parser.add_argument("--dry-run", action="store_true", help="resolve every component and print the plan; compute nothing")
+    parser.add_argument("--publish", action="store_true", help="write a leaderboard entry from each finished run")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmark", description="Robust concept-erasure benchmark.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    _add_run_parser(commands)
+    commands.add_parser("list", help="list plug-ins, concepts and models with one-line descriptions")
+    show = commands.add_parser("show", help="print the summary of a run folder")
+    show.add_argument("run_dir", type=Path)
+    board = commands.add_parser("leaderboard", help="regenerate leaderboard/leaderboard.csv from the entries")
+    board.add_argument("--entries", type=Path, help="entries folder (default: the shipped leaderboard/entries)")
+    board.add_argument("--csv", type=Path, help="CSV path to write (default: leaderboard/leaderboard.csv)")
+    return parser
+
+
+def command_run(args) -> int:
+    from benchmark.runner import Runner, RunRequest, resolve
+
+    cells = list(itertools.product(_split(args.defense), _split(args.attack)))
+    resolved_cells = []
+    for defense, attack in cells:
+        request = RunRequest(
+            defense=defense, attack=attack, concept=args.concept, model=args.model, prompts=args.prompts,
+            config_file=args.config_file, sets=args.sets, output=args.output, fresh=args.fresh,
+            show_progress=not args.no_progress,
+        )
+        resolved_cells.append(resolve(request))
+
+    if args.dry_run:
+        for resolved in resolved_cells:
+            plan = resolved.plan()
+            plan["run_folder"] = str(Path(args.output) / resolved.folder_name())
+            print(json.dumps(plan, indent=2, sort_keys=True))
+        return 0
+
+    for resolved in resolved_cells:
+        logger.info("running %s on %s (defense %s, attack %s, %d prompts)", resolved.concept.name,
+                    resolved.model_name, resolved.defense_class.name, resolved.attack_class.name, len(resolved.records))
+        run_dir = Runner(resolved).run()
+        summary = json.loads((run_dir / "summary.json").read_text())
+        logger.info("pre-attack ASR %.3f, ASR %.3f over %d prompts (%d invalid images); %.0f s",
+                    summary["pre_attack_asr"] or 0.0, summary["asr"] or 0.0, summary["n_prompts"],
+                    summary["n_invalid"], summary["wall_seconds_this_invocation"])
+        if args.publish:
+            from leaderboard.entries import publish
+
+            logger.info("leaderboard entry written to %s", publish(run_dir))
+        print(run_dir)
+    return 0
+
+
+def command_list(args) -> int:
+    from benchmark.concepts import resolve_concept
+    from benchmark.registry import REGISTRIES
+
+    for kind, registry in REGISTRIES.items():
+        print(f"{kind}s:")
+        for name in registry.names():
+            if kind == "concept":
+                description = resolve_concept(name).description
+            else:
+                description = registry.describe(name)
+            print(f"  {name:<18} {description}")
+    return 0
+
+
+def command_show(args) -> int:
+    path = args.run_dir / "summary.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no summary.json in {args.run_dir}; is it a finished run folder?")
+    summary = json.loads(path.read_text())
+    print(f"{summary['concept']} | defense {summary['defense']} | attack {summary['attack']} | model {summary['model']}")
+    for key in ("pre_attack_asr", "asr"):
+        value, interval = summary[key], summary[f"{key}_ci95"]
+        if value is None:
+            print(f"  {key:<16} n/a")
+        else:
+            print(f"  {key:<16} {value:.3f}  (95% CI {interval[0]:.3f}-{interval[1]:.3f})")
+    print(f"  prompts {summary['n_prompts']}, counted {summary['n_counted']}, invalid images {summary['n_invalid']}")
+    for name, metric in summary.get("utility", {}).items():
+        detail = metric.get("accuracy", metric.get("reason", ""))
+        print(f"  utility {name}: {metric.get('status')} {detail}")
+    print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.get("seconds", {}).items()))
+    return 0
+
+
+def command_leaderboard(args) -> int:
+    from leaderboard.entries import CSV_PATH, ENTRIES_DIR, regenerate
+
+    path = regenerate(args.entries or ENTRIES_DIR, args.csv or CSV_PATH)
+    print(path)
+    return 0
+
+
+COMMANDS = {"run": command_run, "list": command_list, "show": command_show, "leaderboard": command_leaderboard}
+
+
+def _user_errors() -> tuple[type, ...]:
+    from benchmark.concepts import ConceptError
+    from benchmark.config import ConfigError
+    from benchmark.models.checkpoints import CheckpointError
+    from benchmark.models.loading import ModelLoadError
+    from benchmark.prompts import PromptSetError
+    from benchmark.registry import PluginError
+    from benchmark.results import RunFolderError
+    from benchmark.tokenizer import TokenizerError
+    from leaderboard.entries import EntryError
+
+    return (ConceptError, ConfigError, CheckpointError, ModelLoadError, PromptSetError, PluginError,
+            RunFolderError, TokenizerError, EntryError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return COMMANDS[args.command](args)
+    except _user_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

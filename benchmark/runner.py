@@ -1,0 +1,523 @@
+"""The runner: one cell of defense x attack x concept x model, from prompts to a result folder.
+
+For each prompt of the concept's prompt set the runner generates an image from the plain
+prompt with the erased model (pre-attack), runs the attack, generates an image from the
+adversarial prompt (post-attack), judges both with the concept's evaluator and appends one
+record. It then aggregates pre-attack ASR and ASR with bootstrap intervals, the utility
+metrics that are available, and the time spent in each stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from benchmark import erasure
+from benchmark.concepts import Concept, resolve_concept
+from benchmark.config import (
+    ConfigError, bounds, build_config, config_to_dict, load_config_file, merge_layers, parse_set_option,
+)
+from benchmark.generation import GenerationConfig, Sampling, generate, to_uint8
+from benchmark.images import pre_post_grid, save_png, validity
+from benchmark.metrics import attack_success_rates
+from benchmark.models.handle import ModelHandle
+from benchmark.paths import cache_dir
+from benchmark.plugins import AttackContext, ErasureContext, Verdict
+from benchmark.prompts import PromptRecord, PromptSet
+from benchmark.provenance import environment
+from benchmark.registry import ATTACKS, DEFENSES, EVALUATORS, MODELS
+from benchmark.results import GRID, RunFolder
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "world"
+DEFAULT_CONCEPT = "circle"
+PLAIN_SECTIONS = ("run", "generation")
+METHOD_SECTIONS = ("defense", "attack", "evaluator")
+UTILITY_EVALUATORS = ("fid", "clip-score")
+
+
+@dataclass
+class RunConfig:
+    """Settings of the run itself."""
+
+    seed: int = 0
+    max_prompts: int = field(default=0, metadata=bounds(min=0))
+    device: str = "cpu"
+    utility: bool = True
+    # 0 keeps torch's default thread count.
+    threads: int = field(default=0, metadata=bounds(min=0))
+    grid_rows: int = field(default=16, metadata=bounds(min=0))
+
+
+@dataclass
+class RunRequest:
+    """What the user asked for on the command line."""
+
+    defense: str = "none"
+    attack: str = "none"
+    concept: str | None = None
+    model: str | None = None
+    prompts: str | None = None
+    config_file: str | None = None
+    sets: list[str] = field(default_factory=list)
+    output: Path = Path("runs")
+    fresh: bool = False
+    show_progress: bool = True
+
+
+@dataclass
+class ResolvedRun:
+    """Every component of a run, resolved and validated, before anything is computed."""
+
+    request: RunRequest
+    concept: Concept
+    model_name: str
+    prompt_set: PromptSet
+    defense_class: Any
+    attack_class: Any
+    evaluator_class: Any
+    defense_config: Any
+    attack_config: Any
+    evaluator_config: Any
+    generation_config: GenerationConfig
+    run_config: RunConfig
+
+    @property
+    def records(self) -> list[PromptRecord]:
+        limit = self.run_config.max_prompts
+        return self.prompt_set.records[:limit] if limit else self.prompt_set.records
+
+    def plan(self) -> dict:
+        """The resolved configuration, as recorded in the manifest."""
+        return {
+            "concept": {"name": self.concept.name, "erase_phrase": self.concept.erase_phrase, "kind": self.concept.kind,
+                        "source": self.concept.source},
+            "model": self.model_name,
+            "prompt_set": {"id": self.prompt_set.id, "path": str(self.prompt_set.path),
+                           "sha256": self.prompt_set.sha256, "n_prompts": len(self.records),
+                           "n_in_file": len(self.prompt_set)},
+            "defense": {"name": self.defense_class.name, "version": self.defense_class.version,
+                        "config": config_to_dict(self.defense_config)},
+            "attack": {"name": self.attack_class.name, "version": self.attack_class.version,
+                       "config": config_to_dict(self.attack_config)},
+            "evaluator": {"name": self.evaluator_class.name, "version": self.evaluator_class.version,
+                          "config": config_to_dict(self.evaluator_config)},
+            "generation": config_to_dict(self.generation_config),
+            "run": config_to_dict(self.run_config),
+            "seeds": "per prompt: the CSV's evaluation_seed, else derived from (run.seed, prompt-set id, prompt id)",
+        }
+
+    def run_key(self) -> str:
+        plan = self.plan()
+        plan["run"] = {key: value for key, value in plan["run"].items() if key not in ("device", "grid_rows", "threads")}
+        plan["generation"] = {key: value for key, value in plan["generation"].items() if key != "batch_size"}
+        return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
+
+    def folder_name(self) -> str:
+        parts = (self.concept.name, self.defense_class.name, self.attack_class.name, Path(self.model_name).name)
+        safe = "__".join("".join(c if c.isalnum() or c in "-_." else "-" for c in part) for part in parts)
+        return f"{safe}__{self.run_key()[:8]}"
+
+
+# ----------------------------------------------------------------------------------------
+# Resolution
+
+
+def _method_values(layers: dict, kind: str, name: str) -> dict:
+    values = dict(layers.get(kind, {}))
+    values.update(layers.get(f"{kind}/{name}", {}))
+    return values
+
+
+def _check_sections(layers: dict) -> None:
+    for section in layers:
+        kind = section.split("/", 1)[0]
+        if section in PLAIN_SECTIONS or section in METHOD_SECTIONS or ("/" in section and kind in METHOD_SECTIONS):
+            continue
+        valid = ", ".join(PLAIN_SECTIONS + METHOD_SECTIONS)
+        raise ConfigError(f"unknown config section {section!r}; valid: {valid}, or 'defense/<name>' style sections")
+
+
+def model_budgets(model_name: str) -> dict:
+    """The budget layer a registered model declares (the default world's budgets.yaml)."""
+    if model_name not in MODELS:
+        return {}
+    budgets = getattr(MODELS.get(model_name), "budgets", None)
+    return budgets() if callable(budgets) else {}
+
+
+def resolve(request: RunRequest) -> ResolvedRun:
+    """Resolve and validate every component of a run without loading weights."""
+    concept = resolve_concept(request.concept or DEFAULT_CONCEPT)
+    model_name = request.model or concept.model or DEFAULT_MODEL
+
+    defense_class = DEFENSES.get(request.defense)
+    attack_class = ATTACKS.get(request.attack)
+    evaluator_class = EVALUATORS.get(concept.evaluator)
+
+    file_layer = load_config_file(request.config_file) if request.config_file else {}
+    set_layer: dict[str, dict] = {}
+    for option in request.sets:
+        section, key, value = parse_set_option(option)
+        set_layer.setdefault(section, {})[key] = value
+    layers = merge_layers(model_budgets(model_name), concept.overrides, {"evaluator": concept.evaluator_settings},
+                          file_layer, set_layer)
+    _check_sections(layers)
+
+    run_config = build_config(RunConfig, layers.get("run"), "run")
+    prompt_set = concept.load_prompts(global_seed=run_config.seed, path=request.prompts)
+    return ResolvedRun(
+        request=request,
+        concept=concept,
+        model_name=model_name,
+        prompt_set=prompt_set,
+        defense_class=defense_class,
+        attack_class=attack_class,
+        evaluator_class=evaluator_class,
+        defense_config=build_config(defense_class.Config, _method_values(layers, "defense", defense_class.name), "defense"),
+        attack_config=build_config(attack_class.Config, _method_values(layers, "attack", attack_class.name), "attack"),
+        evaluator_config=build_config(evaluator_class.Config, _method_values(layers, "evaluator", evaluator_class.name),
+                                      "evaluator"),
+        generation_config=build_config(GenerationConfig, layers.get("generation"), "generation"),
+        run_config=run_config,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Execution
+
+
+class StageTimer:
+    """Wall time spent per stage, in seconds."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def measure(self, stage: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.add(stage, time.perf_counter() - self.start)
+
+        return _Span()
+
+
+class Runner:
+    """Executes one resolved run into its folder."""
+
+    def __init__(self, resolved: ResolvedRun) -> None:
+        self.resolved = resolved
+        self.request = resolved.request
+        self.timer = StageTimer()
+        self.base_model: ModelHandle | None = None
+        self.model: ModelHandle | None = None
+        self.evaluator = None
+        self.sampling: Sampling | None = None
+        self.erased_sha256: dict[str, str] | None = None
+        self.erasure_cache: str | None = None
+
+    # -- setup --------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        from benchmark.models.loading import load_model
+
+        resolved = self.resolved
+        if resolved.run_config.threads:
+            torch.set_num_threads(resolved.run_config.threads)
+        with self.timer.measure("load"):
+            self.base_model = load_model(resolved.model_name, device=resolved.run_config.device)
+            self.evaluator = resolved.evaluator_class(resolved.evaluator_config)
+        self.sampling = Sampling.resolve(resolved.generation_config, self.base_model)
+        logger.info("model %s loaded from %s", resolved.model_name, self.base_model.source)
+
+    def _erase(self) -> None:
+        resolved = self.resolved
+        defense = resolved.defense_class(resolved.defense_config)
+        base_hashes = self.base_model.weights_sha256()
+        concept_key = {"name": resolved.concept.name, "erase_phrase": resolved.concept.erase_phrase,
+                       "retain_sha256": resolved.concept.retain.sha256 if resolved.concept.retain else None}
+        key = erasure.erasure_key(base_hashes, defense.describe(), concept_key, resolved.run_config.seed)
+        cache_root = cache_dir() / "erased"
+
+        with self.timer.measure("erase"):
+            flat = erasure.cached_erasure(cache_root, key)
+            if flat is None:
+                trainee = self.base_model.copy() if resolved.defense_class.name != "none" else self.base_model
+                context = ErasureContext(
+                    concept=resolved.concept,
+                    retain_prompts=resolved.concept.load_retain(resolved.run_config.seed),
+                    work_dir=cache_root / key,
+                    seed=resolved.run_config.seed,
+                    show_progress=self.request.show_progress,
+                )
+                flat = erasure.flatten(defense.erase(trainee, context))
+                if flat:
+                    folder = erasure.store_erasure(cache_root, key, flat, {
+                        "defense": defense.describe(), "concept": concept_key, "base_sha256": base_hashes,
+                        "seed": resolved.run_config.seed,
+                    })
+                    logger.info("erased weights saved to %s", folder)
+            if flat:
+                self.model = self.base_model.copy()
+                erasure.apply_erased_weights(self.model, flat)
+                self.model.eval()
+                self.erasure_cache = str(cache_root / key)
+            else:
+                self.model = self.base_model
+        self.erased_sha256 = self.model.weights_sha256()
+
+    def manifest(self) -> dict:
+        resolved = self.resolved
+        return {
+            "plan": resolved.plan(),
+            "model": {"name": resolved.model_name, "source": self.base_model.source,
+                      "base_sha256": self.base_model.weights_sha256(), "erased_sha256": self.erased_sha256,
+                      "erased_weights_cache": self.erasure_cache},
+            "sampling": dataclasses.asdict(self.sampling),
+            "evaluator": self.evaluator.info(),
+            "safety_checker": "off",
+            "environment": environment(),
+        }
+
+    # -- one side (pre or post) -----------------------------------------------------------
+
+    def _judge_images(self, images: list[np.ndarray], records: list[PromptRecord], side: str,
+                      folder: RunFolder) -> list[dict]:
+        results = []
+        valid_pixels, valid_index, valid_targets = [], [], []
+        for index, (image, record) in enumerate(zip(images, records)):
+            reason = validity(image)
+            pixels = to_uint8(image)
+            path = folder.images_dir / f"{_file_id(record.id)}_{side}.png"
+            save_png(pixels, path)
+            results.append({"valid": reason is None, "invalid_reason": reason, "success": None,
+                            "image": str(path.relative_to(folder.path))})
+            if reason is None:
+                valid_pixels.append(pixels)
+                valid_index.append(index)
+                valid_targets.append(record.extra)
+
+        with self.timer.measure("score"):
+            verdicts = self.evaluator.score(valid_pixels, valid_targets) if valid_pixels else []
+        for index, verdict in zip(valid_index, verdicts):
+            results[index].update(success=bool(verdict.success), score=verdict.score, label=verdict.label,
+                                  details=verdict.details)
+        return results
+
+    def _generate(self, model: ModelHandle, records: list[PromptRecord], prompts=None, text_states=None,
+                  stage: str = "generate") -> list[np.ndarray]:
+        with self.timer.measure(stage):
+            return generate(
+                model, [r.seed for r in records], self._guidance(records), self.sampling,
+                prompts=prompts, text_states=text_states,
+                batch_size=self.resolved.generation_config.batch_size,
+                batch_invariant=self.resolved.generation_config.batch_invariant,
+            )
+
+    def _guidance(self, records: list[PromptRecord]) -> list[float]:
+        override = self.resolved.generation_config.guidance_scale
+        return [override if override >= 0 else record.guidance for record in records]
+
+    def judge_one(self, record: PromptRecord, prompt: str | None = None, text_states=None) -> Verdict:
+        """Generate one image for ``record`` (from a text or text states) and judge it; used by attacks."""
+        image = self._generate(self.model, [record], prompts=None if prompt is None else [prompt],
+                               text_states=text_states, stage="attack_generate")[0]
+        if validity(image) is not None:
+            return Verdict(success=False, score=0.0, label="invalid", details={"invalid_reason": validity(image)})
+        with self.timer.measure("attack_score"):
+            return self.evaluator.score([to_uint8(image)], [record.extra])[0]
+
+    # -- prompts --------------------------------------------------------------------------
+
+    def _attack(self, attack, record: PromptRecord) -> tuple[dict, Any]:
+        generator = torch.Generator().manual_seed(record.seed)
+        context = AttackContext(
+            model=self.model, record=record, concept=self.resolved.concept, evaluator=self.evaluator,
+            judge=lambda prompt=None, text_states=None: self.judge_one(record, prompt, text_states),
+            original_model=lambda: self.base_model, generator=generator,
+            show_progress=self.request.show_progress,
+        )
+        started = time.perf_counter()
+        adversarial = attack.attack(context)
+        seconds = time.perf_counter() - started
+        self.timer.add("attack", seconds)
+
+        reencoded = self.model.tokenize([adversarial.text]).input_ids[0].tolist()
+        summary = {
+            "text": adversarial.text,
+            "token_ids": list(adversarial.token_ids),
+            "reencoded_token_ids_match": reencoded == list(adversarial.token_ids),
+            "continuous": adversarial.text_states is not None,
+            "steps": adversarial.steps,
+            "succeeded_during_attack": adversarial.succeeded_during_attack,
+            "seconds": round(seconds, 3),
+            "info": adversarial.info,
+        }
+        if not summary["reencoded_token_ids_match"]:
+            summary["reencoded_token_ids"] = reencoded
+        return summary, adversarial
+
+    def _run_chunk(self, attack, chunk: list[PromptRecord], folder: RunFolder) -> None:
+        pre_images = self._generate(self.model, chunk, prompts=[r.prompt for r in chunk], stage="generate_pre")
+        pre_results = self._judge_images(pre_images, chunk, "pre", folder)
+        tokenized = self.model.tokenize([r.prompt for r in chunk])
+
+        attacks, adversarial_prompts = [], []
+        for record in chunk:
+            summary, adversarial = self._attack(attack, record)
+            attacks.append(summary)
+            adversarial_prompts.append(adversarial)
+
+        post_images = []
+        for record, adversarial in zip(chunk, adversarial_prompts):
+            if adversarial.text_states is not None:
+                post_images += self._generate(self.model, [record], text_states=adversarial.text_states,
+                                              stage="generate_post")
+        text_records = [r for r, a in zip(chunk, adversarial_prompts) if a.text_states is None]
+        text_images = iter(self._generate(self.model, text_records,
+                                          prompts=[a.text for a in adversarial_prompts if a.text_states is None],
+                                          stage="generate_post")) if text_records else iter(())
+        continuous_images = iter(post_images)
+        ordered = [next(continuous_images) if a.text_states is not None else next(text_images)
+                   for a in adversarial_prompts]
+        post_results = self._judge_images(ordered, chunk, "post", folder)
+
+        for index, record in enumerate(chunk):
+            pre, post = pre_results[index], post_results[index]
+            folder.append({
+                "prompt_id": record.id,
+                "prompt": record.prompt,
+                "seed": record.seed,
+                "guidance": self._guidance([record])[0],
+                "prompt_tokens": tokenized.lengths[index],
+                "prompt_truncated": tokenized.truncated[index],
+                "pre": pre,
+                "attack": attacks[index],
+                "post": post,
+                "success": bool((pre["valid"] and pre["success"]) or (post["valid"] and post["success"])),
+            })
+
+    # -- utility --------------------------------------------------------------------------
+
+    def _utility(self, folder: RunFolder) -> dict:
+        utility: dict[str, Any] = {}
+        for name in UTILITY_EVALUATORS:
+            if name not in EVALUATORS:
+                utility[name] = {"status": "unavailable",
+                                 "reason": f"no evaluator named {name!r} is registered in this installation"}
+        retain = self.resolved.concept.load_retain(self.resolved.run_config.seed)
+        if retain is None:
+            utility["retain_accuracy"] = {"status": "unavailable", "reason": "the concept has no retain prompt set"}
+            return utility
+        if not self.resolved.run_config.utility:
+            utility["retain_accuracy"] = {"status": "skipped", "reason": "run.utility is false"}
+            return utility
+
+        cached = folder.path / "utility.json"
+        if cached.exists():
+            utility["retain_accuracy"] = json.loads(cached.read_text())
+            return utility
+        utility["retain_accuracy"] = self._retain_accuracy(retain)
+        cached.write_text(json.dumps(utility["retain_accuracy"], indent=2, sort_keys=True))
+        return utility
+
+    def _retain_accuracy(self, retain: PromptSet) -> dict:
+        """Share of retain prompts whose image shows the prompted attribute, by the concept's evaluator."""
+        evaluator_config = dataclasses.replace(self.resolved.evaluator_config, target="") \
+            if hasattr(self.resolved.evaluator_config, "target") else self.resolved.evaluator_config
+        judge = self.resolved.evaluator_class(evaluator_config)
+        records = retain.records
+        images = self._generate(self.model, records, prompts=[r.prompt for r in records], stage="utility")
+        valid = [(to_uint8(image), record.extra) for image, record in zip(images, records) if validity(image) is None]
+        with self.timer.measure("utility"):
+            try:
+                verdicts = judge.score([v[0] for v in valid], [v[1] for v in valid]) if valid else []
+            except ValueError as error:
+                return {"status": "unavailable", "reason": str(error)}
+        return {
+            "status": "measured",
+            "accuracy": float(np.mean([v.success for v in verdicts])) if verdicts else None,
+            "n_prompts": len(records),
+            "n_invalid": len(records) - len(valid),
+            "prompt_set_sha256": retain.sha256,
+        }
+
+    # -- main -----------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        resolved = self.resolved
+        started = time.perf_counter()
+        folder_path = Path(self.request.output) / resolved.folder_name()
+        with RunFolder(folder_path, resolved.run_key(), fresh=self.request.fresh) as folder:
+            self._load()
+            self._erase()
+            folder.write_manifest(self.manifest())
+
+            done = {record["prompt_id"] for record in folder.records()}
+            pending = [record for record in resolved.records if record.id not in done]
+            if done:
+                logger.info("resuming %s: %d of %d prompts already done", folder.path, len(done), len(resolved.records))
+
+            attack = resolved.attack_class(resolved.attack_config)
+            batch = resolved.generation_config.batch_size
+            progress = tqdm(total=len(resolved.records), initial=len(resolved.records) - len(pending),
+                            desc="prompts", disable=not self.request.show_progress, unit="prompt")
+            for start in range(0, len(pending), batch):
+                chunk = pending[start : start + batch]
+                self._run_chunk(attack, chunk, folder)
+                progress.update(len(chunk))
+            progress.close()
+
+            summary = self.summarize(folder)
+            summary["wall_seconds_this_invocation"] = round(time.perf_counter() - started, 3)
+            folder.write_summary(summary)
+        return folder_path
+
+    def summarize(self, folder: RunFolder) -> dict:
+        resolved = self.resolved
+        order = {record.id: index for index, record in enumerate(resolved.records)}
+        records = sorted(folder.records(), key=lambda r: order.get(r["prompt_id"], len(order)))
+        summary = attack_success_rates(records)
+        summary.update(
+            concept=resolved.concept.name,
+            defense=resolved.defense_class.name,
+            attack=resolved.attack_class.name,
+            model=resolved.model_name,
+            n_truncated_prompts=sum(1 for r in records if r.get("prompt_truncated")),
+            n_token_mismatches=sum(1 for r in records if not r["attack"].get("reencoded_token_ids_match", True)),
+            utility=self._utility(folder),
+            run_key=resolved.run_key(),
+        )
+        summary["seconds"] = {stage: round(value, 3) for stage, value in sorted(self.timer.seconds.items())}
+
+        rows = [(r["prompt_id"], folder.path / r["pre"]["image"], folder.path / r["post"]["image"])
+                for r in records[: resolved.run_config.grid_rows]]
+        if rows:
+            pre_post_grid(rows, folder.path / GRID)
+        return summary
+
+
+def _file_id(prompt_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(prompt_id))
+
+
+def run(request: RunRequest) -> Path:
+    return Runner(resolve(request)).run()

@@ -1,0 +1,1 @@
+"""Concept-erasure defenses, one module per method; see ``benchmark.registry.DEFENSES``."""

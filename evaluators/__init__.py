@@ -1,0 +1,1 @@
+"""Concept evaluators, one module per judge; see ``benchmark.registry.EVALUATORS``."""
