@@ -27,6 +27,8 @@ def _add_run_parser(commands) -> None:
     parser.add_argument("--concept", help="concept name or concept YAML file (default: the default world's circle)")
     parser.add_argument("--model", help="registered model, local diffusers folder, .ckpt/.safetensors file or "
                                         "cached Hugging Face id (default: the concept's model)")
+    parser.add_argument("--model-config", help="diffusers config folder for a single-file --model "
+                                               "(default: SD v1.4's configs, shipped)")
     parser.add_argument("--prompts", help="prompt CSV to use instead of the concept's prompt set")
     parser.add_argument("--config", dest="config_file", help="YAML or TOML file with config sections")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -50,7 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     board = commands.add_parser("leaderboard", help="regenerate leaderboard/leaderboard.csv from the entries")
     board.add_argument("--entries", type=Path, help="entries folder (default: the shipped leaderboard/entries)")
     board.add_argument("--csv", type=Path, help="CSV path to write (default: leaderboard/leaderboard.csv)")
+    _add_score_parser(commands)
     return parser
+
+
+def _add_score_parser(commands) -> None:
+    parser = commands.add_parser(
+        "score", help="judge existing PNG or JPEG files with an evaluator",
+        description="Score image files of any size with an evaluator and print one JSON line per file. "
+                    "Folders are expanded to the image files directly inside them, sorted by name. "
+                    "The exit status is 1 if any file could not be read.",
+    )
+    parser.add_argument("--evaluator", help="evaluator name, e.g. nudenet (default: the concept's evaluator)")
+    parser.add_argument("--concept", help="concept name or YAML file whose evaluator settings to use, e.g. church")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="evaluator.KEY=VALUE",
+                        help="override one evaluator setting, e.g. --set evaluator.threshold=0.6 (repeatable)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders of images")
 
 
 def command_run(args) -> int:
@@ -60,7 +77,8 @@ def command_run(args) -> int:
     resolved_cells = []
     for defense, attack in cells:
         request = RunRequest(
-            defense=defense, attack=attack, concept=args.concept, model=args.model, prompts=args.prompts,
+            defense=defense, attack=attack, concept=args.concept, model=args.model, model_config=args.model_config,
+            prompts=args.prompts,
             config_file=args.config_file, sets=args.sets, output=args.output, fresh=args.fresh,
             show_progress=not args.no_progress,
         )
@@ -132,7 +150,18 @@ def command_leaderboard(args) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "list": command_list, "show": command_show, "leaderboard": command_leaderboard}
+def command_score(args) -> int:
+    from benchmark.scoring import run_score
+
+    try:
+        return run_score(args.evaluator, args.concept, args.sets, args.images)
+    except (ValueError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+COMMANDS = {"run": command_run, "list": command_list, "show": command_show, "leaderboard": command_leaderboard,
+            "score": command_score}
 
 
 def _user_errors() -> tuple[type, ...]:

@@ -107,8 +107,13 @@ class Attack(Plugin):
 
 @dataclass
 class ErasureContext:
-    """What a defense gets: the frozen original model, the concept and its retain prompts."""
+    """What a defense gets besides the model it trains.
 
+    ``original`` is the frozen base model (never modify it); ``work_dir`` is a folder owned by
+    this erasure, for checkpoints that make training resumable and for the loss curve.
+    """
+
+    original: Any
     concept: Any
     retain_prompts: Any
     work_dir: Any

@@ -168,6 +168,11 @@ DEFENSES = Registry("defense", {
 
 EVALUATORS = Registry("evaluator", {
     "world-classifier": "evaluators.world_classifier:WorldClassifier",
+    "nudenet": "evaluators.nudenet:NudeNetEvaluator",
+    "style-classifier": "evaluators.style_classifier:StyleClassifier",
+    "object-classifier": "evaluators.object_classifier:ObjectClassifier",
+    "fid": "evaluators.fid:FIDEvaluator",
+    "clip-score": "evaluators.clip_score:ClipScoreEvaluator",
 })
 
 # Concepts and models are data: their entries are factories that return a Concept or a ModelSpec.

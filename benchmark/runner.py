@@ -68,6 +68,7 @@ class RunRequest:
     attack: str = "none"
     concept: str | None = None
     model: str | None = None
+    model_config: str | None = None
     prompts: str | None = None
     config_file: str | None = None
     sets: list[str] = field(default_factory=list)
@@ -233,6 +234,7 @@ class Runner:
         self.sampling: Sampling | None = None
         self.erased_sha256: dict[str, str] | None = None
         self.erasure_cache: str | None = None
+        self.folder: RunFolder | None = None
 
     # -- setup --------------------------------------------------------------------------
 
@@ -243,7 +245,8 @@ class Runner:
         if resolved.run_config.threads:
             torch.set_num_threads(resolved.run_config.threads)
         with self.timer.measure("load"):
-            self.base_model = load_model(resolved.model_name, device=resolved.run_config.device)
+            self.base_model = load_model(resolved.model_name, device=resolved.run_config.device,
+                                         config_dir=self.request.model_config)
             self.evaluator = resolved.evaluator_class(resolved.evaluator_config)
         self.sampling = Sampling.resolve(resolved.generation_config, self.base_model)
         logger.info("model %s loaded from %s", resolved.model_name, self.base_model.source)
@@ -262,6 +265,7 @@ class Runner:
             if flat is None:
                 trainee = self.base_model.copy() if resolved.defense_class.name != "none" else self.base_model
                 context = ErasureContext(
+                    original=self.base_model,
                     concept=resolved.concept,
                     retain_prompts=resolved.concept.load_retain(resolved.run_config.seed),
                     work_dir=cache_root / key,
@@ -373,7 +377,37 @@ class Runner:
         }
         if not summary["reencoded_token_ids_match"]:
             summary["reencoded_token_ids"] = reencoded
+        summary["artifact"] = self._write_artifact(record, adversarial, summary)
         return summary, adversarial
+
+    def _write_artifact(self, record: PromptRecord, adversarial, summary: dict) -> str:
+        """Store what regenerating the post-attack image needs, without the attack code."""
+        from benchmark.models.checkpoints import save_state_dict
+        from benchmark.results import write_json_atomic
+
+        folder = self.folder.path / "artifacts"
+        folder.mkdir(exist_ok=True)
+        stem = _file_id(record.id)
+        artifact = {
+            "prompt_id": record.id,
+            "prompt": record.prompt,
+            "text": adversarial.text,
+            "token_ids": list(adversarial.token_ids),
+            "reencoded_token_ids_match": summary["reencoded_token_ids_match"],
+            "seed": record.seed,
+            "guidance": self._guidance([record])[0],
+            "target_model_sha256": self.erased_sha256,
+            "attack": {"name": self.resolved.attack_class.name, "version": self.resolved.attack_class.version,
+                       "config": config_to_dict(self.resolved.attack_config)},
+            "attack_config_sha256": hashlib.sha256(
+                json.dumps(config_to_dict(self.resolved.attack_config), sort_keys=True).encode()).hexdigest(),
+            "text_states": None,
+        }
+        if adversarial.text_states is not None:
+            save_state_dict({"text_states": adversarial.text_states}, folder / f"{stem}.safetensors")
+            artifact["text_states"] = f"{stem}.safetensors"
+        write_json_atomic(folder / f"{stem}.json", artifact)
+        return f"artifacts/{stem}.json"
 
     def _run_chunk(self, attack, chunk: list[PromptRecord], folder: RunFolder) -> None:
         pre_images = self._generate(self.model, chunk, prompts=[r.prompt for r in chunk], stage="generate_pre")
@@ -418,46 +452,66 @@ class Runner:
     # -- utility --------------------------------------------------------------------------
 
     def _utility(self, folder: RunFolder) -> dict:
-        utility: dict[str, Any] = {}
-        for name in UTILITY_EVALUATORS:
-            if name not in EVALUATORS:
-                utility[name] = {"status": "unavailable",
-                                 "reason": f"no evaluator named {name!r} is registered in this installation"}
-        retain = self.resolved.concept.load_retain(self.resolved.run_config.seed)
-        if retain is None:
-            utility["retain_accuracy"] = {"status": "unavailable", "reason": "the concept has no retain prompt set"}
-            return utility
-        if not self.resolved.run_config.utility:
-            utility["retain_accuracy"] = {"status": "skipped", "reason": "run.utility is false"}
-            return utility
-
+        """Utility metrics on the retain prompts; each one says why when it cannot be measured."""
         cached = folder.path / "utility.json"
         if cached.exists():
-            utility["retain_accuracy"] = json.loads(cached.read_text())
-            return utility
-        utility["retain_accuracy"] = self._retain_accuracy(retain)
-        cached.write_text(json.dumps(utility["retain_accuracy"], indent=2, sort_keys=True))
-        return utility
+            return json.loads(cached.read_text())
 
-    def _retain_accuracy(self, retain: PromptSet) -> dict:
-        """Share of retain prompts whose image shows the prompted attribute, by the concept's evaluator."""
-        evaluator_config = dataclasses.replace(self.resolved.evaluator_config, target="") \
-            if hasattr(self.resolved.evaluator_config, "target") else self.resolved.evaluator_config
-        judge = self.resolved.evaluator_class(evaluator_config)
+        retain = self.resolved.concept.load_retain(self.resolved.run_config.seed)
+        if not self.resolved.run_config.utility:
+            skipped = {"status": "skipped", "reason": "run.utility is false"}
+            return {name: dict(skipped) for name in ("retain_accuracy",) + UTILITY_EVALUATORS}
+        if retain is None:
+            missing = {"status": "unavailable", "reason": "the concept has no retain prompt set"}
+            return {name: dict(missing) for name in ("retain_accuracy",) + UTILITY_EVALUATORS}
+
         records = retain.records
         images = self._generate(self.model, records, prompts=[r.prompt for r in records], stage="utility")
-        valid = [(to_uint8(image), record.extra) for image, record in zip(images, records) if validity(image) is None]
+        valid = [(to_uint8(image), record) for image, record in zip(images, records) if validity(image) is None]
+        utility = {
+            "retain_accuracy": self._retain_accuracy(valid, retain),
+            "fid": self._optional_metric("fid", lambda evaluator: self._fid(evaluator)),
+            "clip-score": self._optional_metric("clip-score", lambda evaluator: evaluator.compute(
+                [pixels for pixels, _ in valid], [record.prompt for _, record in valid])),
+        }
+        for metric in utility.values():
+            metric.setdefault("n_prompts", len(records))
+            metric.setdefault("n_invalid", len(records) - len(valid))
+            metric.setdefault("prompt_set_sha256", retain.sha256)
+        cached.write_text(json.dumps(utility, indent=2, sort_keys=True))
+        return utility
+
+    def _optional_metric(self, name: str, compute) -> dict:
+        if name not in EVALUATORS:
+            return {"status": "unavailable", "reason": f"no evaluator named {name!r} is registered in this installation"}
+        try:
+            evaluator = EVALUATORS.get(name)()
+            with self.timer.measure("utility"):
+                result = compute(evaluator)
+        except (FileNotFoundError, RuntimeError, ValueError, OSError) as error:
+            return {"status": "unavailable", "reason": f"{type(error).__name__}: {error}"}
+        result.setdefault("status", "measured")
+        return result
+
+    def _fid(self, evaluator) -> dict:
+        # TODO: concepts do not name a reference image set yet, so FID always reports why it is missing.
+        raise ValueError("the concept names no reference image set to compute FID against")
+
+    def _retain_accuracy(self, valid: list, retain: PromptSet) -> dict:
+        """Share of retain prompts whose image shows the prompted attribute, by the concept's evaluator."""
+        config = self.resolved.evaluator_config
+        if not hasattr(config, "target"):
+            return {"status": "unavailable", "reason": f"evaluator {self.resolved.evaluator_class.name} has no "
+                                                         "per-prompt target to check retain prompts against"}
+        judge = self.resolved.evaluator_class(dataclasses.replace(config, target=""))
         with self.timer.measure("utility"):
             try:
-                verdicts = judge.score([v[0] for v in valid], [v[1] for v in valid]) if valid else []
+                verdicts = judge.score([pixels for pixels, _ in valid], [record.extra for _, record in valid])
             except ValueError as error:
                 return {"status": "unavailable", "reason": str(error)}
         return {
             "status": "measured",
             "accuracy": float(np.mean([v.success for v in verdicts])) if verdicts else None,
-            "n_prompts": len(records),
-            "n_invalid": len(records) - len(valid),
-            "prompt_set_sha256": retain.sha256,
         }
 
     # -- main -----------------------------------------------------------------------------
@@ -467,6 +521,7 @@ class Runner:
         started = time.perf_counter()
         folder_path = Path(self.request.output) / resolved.folder_name()
         with RunFolder(folder_path, resolved.run_key(), fresh=self.request.fresh) as folder:
+            self.folder = folder
             self._load()
             self._erase()
             folder.write_manifest(self.manifest())

@@ -40,7 +40,7 @@ def test_full_run_writes_complete_folder(tmp_path, capsys):
         assert isinstance(summary[key], (int, float)), key
     assert summary["n_prompts"] == 3
     assert summary["asr"] == summary["pre_attack_asr"]
-    assert summary["utility"]["fid"]["status"] == "unavailable"
+    assert summary["utility"]["fid"]["status"] == "skipped"
     assert summary["utility"]["retain_accuracy"]["status"] == "skipped"
 
     records = records_without_timings(run_dir)

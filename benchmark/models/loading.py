@@ -76,6 +76,7 @@ def load_diffusers_folder(folder: str | Path, name: str | None = None, dtype=tor
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"failed to load the model in {folder}: {error}") from error
 
+    settings = {**_folder_defaults(folder, unet, vae), **settings}
     handle = ModelHandle(
         name=name or folder.name,
         tokenizer=_load_tokenizer(folder),
@@ -87,6 +88,21 @@ def load_diffusers_folder(folder: str | Path, name: str | None = None, dtype=tor
         **settings,
     )
     return handle.eval()
+
+
+def native_resolution(unet, vae) -> int:
+    """The image size a UNet was trained for: latent sample size x VAE downsampling, as diffusers infers it."""
+    return int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _folder_defaults(folder: Path, unet, vae) -> dict:
+    """Resolution from the configs, and sampler and steps from an optional ``generation_defaults.json``."""
+    defaults = {"resolution": native_resolution(unet, vae)}
+    path = folder / "generation_defaults.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        defaults.update({key: stored[key] for key in ("default_sampler", "default_steps") if key in stored})
+    return defaults
 
 
 def load_single_file(path: str | Path, config_dir: str | Path | None = None, dtype=torch.float32) -> ModelHandle:
@@ -117,6 +133,7 @@ def load_single_file(path: str | Path, config_dir: str | Path | None = None, dty
         vae=pipeline.vae,
         scheduler_config=dict(pipeline.scheduler.config),
         source=str(path.resolve()),
+        resolution=native_resolution(pipeline.unet, pipeline.vae),
     )
     return handle.eval()
 
@@ -214,8 +231,11 @@ def build_sd14_random(seed: int = 0) -> ModelHandle:
 # Entry point
 
 
-def load_model(spec: str, device: str = "cpu") -> ModelHandle:
-    """Load a model by registered name, local folder, single checkpoint file or cached HF id."""
+def load_model(spec: str, device: str = "cpu", config_dir: str | Path | None = None) -> ModelHandle:
+    """Load a model by registered name, local folder, single checkpoint file or cached HF id.
+
+    ``config_dir`` is the diffusers config folder of a single-file checkpoint (default: SD v1.4's).
+    """
     from benchmark.registry import MODELS
 
     if spec in MODELS:
@@ -225,7 +245,7 @@ def load_model(spec: str, device: str = "cpu") -> ModelHandle:
     elif Path(spec).is_dir():
         handle = load_diffusers_folder(spec)
     elif Path(spec).is_file():
-        handle = load_single_file(spec)
+        handle = load_single_file(spec, config_dir)
     elif "/" in spec and not spec.startswith((".", "/")) and spec.count("/") == 1:
         handle = load_diffusers_folder(_hub_cache_folder(spec), name=spec)
     else:

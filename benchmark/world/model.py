@@ -8,9 +8,6 @@ import yaml
 
 from benchmark.paths import WORLD_WEIGHTS_DIR
 
-WORLD_RESOLUTION = 32
-WORLD_SAMPLER = "ddim"
-WORLD_STEPS = 15
 BUDGETS_FILE = Path(__file__).with_name("budgets.yaml")
 
 
@@ -28,7 +25,4 @@ def load_world():
             f"the default world's weights are missing from {WORLD_WEIGHTS_DIR}; they ship with the package. "
             "Reinstall it, or rebuild them with `python -m benchmark.world.train` (about an hour on a CPU)"
         )
-    return load_diffusers_folder(
-        WORLD_WEIGHTS_DIR, name="world", resolution=WORLD_RESOLUTION,
-        default_sampler=WORLD_SAMPLER, default_steps=WORLD_STEPS, method_budgets=world_budgets(),
-    )
+    return load_diffusers_folder(WORLD_WEIGHTS_DIR, name="world", method_budgets=world_budgets())

@@ -323,6 +323,8 @@ def export_world(output: Path, vae, unet, text_encoder, classifier, card: dict) 
     }
     save_file(state, output / CLASSIFIER_FILE)
     (output / WORLD_CARD).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    defaults = {"default_sampler": "ddim", "default_steps": 15}
+    (output / "generation_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
 
 
 def _versions() -> dict[str, str]:
