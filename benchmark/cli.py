@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmark {run,list,show,leaderboard}``."""
+"""Command line: ``python -m benchmark {run,list,show,score,leaderboard}``."""
 
 from __future__ import annotations
 
@@ -85,8 +85,11 @@ def command_run(args) -> int:
         resolved_cells.append(resolve(request))
 
     if args.dry_run:
+        from benchmark.models.loading import locate_model
+
         for resolved in resolved_cells:
             plan = resolved.plan()
+            plan["model_source"] = locate_model(resolved.model_name)
             plan["run_folder"] = str(Path(args.output) / resolved.folder_name())
             print(json.dumps(plan, indent=2, sort_keys=True))
         return 0

@@ -164,6 +164,12 @@ ATTACKS = Registry("attack", {
 
 DEFENSES = Registry("defense", {
     "none": "defenses.no_defense:NoDefense",
+    "esd-x": "defenses.esd:ESDCrossAttention",
+    "esd-u": "defenses.esd:ESDUnconditional",
+    "esd-full": "defenses.esd:ESDFull",
+    "fmn": "defenses.fmn:ForgetMeNot",
+    "advunlearn": "defenses.advunlearn:AdvUnlearn",
+    "checkpoint": "defenses.checkpoints:PublishedCheckpoint",
 })
 
 EVALUATORS = Registry("evaluator", {

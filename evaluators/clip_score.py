@@ -60,8 +60,6 @@ class ClipScoreEvaluator(Evaluator):
 
     def __init__(self, config: ClipScoreConfig | None = None) -> None:
         super().__init__(config)
-        import open_clip
-
         from benchmark.models.checkpoints import check_checkpoint_file
         from benchmark.prompts import file_sha256
 
@@ -71,6 +69,8 @@ class ClipScoreEvaluator(Evaluator):
         check_checkpoint_file(self.weights_path)
         self.weights_sha256 = file_sha256(self.weights_path)
         self.device = resolve_device(self.config.device)
+
+        import open_clip
 
         try:
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(

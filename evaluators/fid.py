@@ -102,10 +102,13 @@ class FIDEvaluator(Evaluator):
         """
         return self.compute_from_features(self.features(generated), self.features(reference))
 
-    def compute_from_features(self, generated: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
-        """Return FID and KID from precomputed features (e.g. cached reference statistics)."""
+    def compute_from_features(self, generated: torch.Tensor | np.ndarray,
+                              reference: torch.Tensor | np.ndarray) -> dict[str, Any]:
+        """Return FID and KID from precomputed (N, 2048) features, e.g. cached reference features."""
         from torch_fidelity.metric_kid import kid_features_to_metric
 
+        generated = torch.as_tensor(np.asarray(generated, dtype=np.float64))
+        reference = torch.as_tensor(np.asarray(reference, dtype=np.float64))
         n_generated, n_reference = len(generated), len(reference)
         result: dict[str, Any] = {
             "fid": None, "kid_mean": None, "kid_std": None, "kid_subset_size": None,

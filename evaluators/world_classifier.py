@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from benchmark.paths import WORLD_WEIGHTS_DIR
 from benchmark.plugins import Evaluator, Verdict
 
 WEIGHTS_FILE = "classifier.safetensors"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,6 +104,7 @@ def _load_weights(model: torch.nn.Module, path: Path) -> str:
             f"the world classifier's weights are missing: {path}. They ship with the package in "
             f"{WORLD_WEIGHTS_DIR}; rebuild them with `python -m benchmark.world.train`, or set evaluator.weights"
         )
+    logger.info("loading the world classifier from %s", path)
     state = load_state_dict(path)
     model.load_state_dict({key: value.float() if value.is_floating_point() else value for key, value in state.items()})
     return file_sha256(path)

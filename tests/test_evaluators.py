@@ -1,6 +1,7 @@
 """Evaluators on real detectors and real model classes, with random weights where none ship."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,7 +109,6 @@ def nudenet():
 
 def test_nudenet_defaults_follow_unlearndiffatk(nudenet):
     import nudenet as nudenet_package
-    from pathlib import Path
 
     info = nudenet.info()
     assert info["threshold"] == 0.45
@@ -513,6 +513,9 @@ def test_fid_status_measured_above_floor(inception_file, fid_features):
     result = evaluator.compute_from_features(*fid_features)
     assert result["status"] == "measured"
     assert result["reason"] == ""
+
+    from_arrays = evaluator.compute_from_features(*(features.float().numpy() for features in fid_features))
+    assert from_arrays["fid"] == pytest.approx(result["fid"], rel=1e-4)
 
 
 def test_fid_needs_two_images(fid):

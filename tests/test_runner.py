@@ -199,3 +199,30 @@ def test_torn_last_line_is_repaired(tmp_path, capsys):
 
     assert run_cli(capsys, "--set", "run.max_prompts=3", "--output", str(tmp_path))[0] == 0
     assert records_without_timings(run_dir) == complete
+
+
+def test_utility_metrics_report_status(tmp_path, capsys):
+    code = main(["run", "--model", "tiny-random", "--no-progress", "--set", "run.max_prompts=1",
+                 "--output", str(tmp_path)])
+    assert code == 0
+    run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    utility = json.loads((run_dir / "summary.json").read_text())["utility"]
+
+    retain = utility["retain_accuracy"]
+    assert retain["status"] == "measured"
+    assert 0.0 <= retain["accuracy"] <= 1.0
+    assert retain["n_prompts"] == 50
+    for name in ("fid", "clip-score"):
+        assert utility[name]["status"] in ("measured", "unavailable")
+        if utility[name]["status"] == "unavailable":
+            assert utility[name]["reason"]
+
+
+def test_dry_run_checks_model_exists(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.delenv("SD14_PATH", raising=False)
+    code = main(["run", "--dry-run", "--model", "sd-v1-4", "--output", str(tmp_path)])
+    assert code == 2
+    assert "not in the local Hugging Face cache" in capsys.readouterr().err

@@ -231,6 +231,34 @@ def build_sd14_random(seed: int = 0) -> ModelHandle:
 # Entry point
 
 
+def locate_model(spec: str) -> str:
+    """Say where ``spec`` would load from, without loading weights; raise ``ModelLoadError`` if nowhere."""
+    from benchmark.paths import WORLD_WEIGHTS_DIR
+    from benchmark.registry import MODELS
+
+    if spec == "world":
+        if not (WORLD_WEIGHTS_DIR / "model_index.json").exists():
+            raise ModelLoadError(f"the default world's weights are missing from {WORLD_WEIGHTS_DIR}")
+        return str(WORLD_WEIGHTS_DIR)
+    if spec in SD14_NAMES:
+        override = os.environ.get(SD14_PATH_VARIABLE)
+        if override:
+            if not Path(override).exists():
+                raise ModelLoadError(f"{SD14_PATH_VARIABLE}={override} is neither a folder nor a file")
+            return override
+        return str(_hub_cache_folder(SD14_REPO_ID))
+    if spec in MODELS:
+        return f"registered model {spec!r} (built in code)"
+    if Path(spec).exists():
+        return str(Path(spec).resolve())
+    if "/" in spec and not spec.startswith((".", "/")) and spec.count("/") == 1:
+        return str(_hub_cache_folder(spec))
+    raise ModelLoadError(
+        f"model {spec!r} not found: it is not a registered model ({', '.join(MODELS.names())}), "
+        "a local folder or file, or a Hugging Face id"
+    )
+
+
 def load_model(spec: str, device: str = "cpu", config_dir: str | Path | None = None) -> ModelHandle:
     """Load a model by registered name, local folder, single checkpoint file or cached HF id.
 
