@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmark {run,list,show,score,leaderboard}``."""
+"""Command line: ``python -m benchmark {run,list,show,score,leaderboard,verify}``."""
 
 from __future__ import annotations
 
@@ -49,11 +49,39 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="list plug-ins, concepts and models with one-line descriptions")
     show = commands.add_parser("show", help="print the summary of a run folder")
     show.add_argument("run_dir", type=Path)
-    board = commands.add_parser("leaderboard", help="regenerate leaderboard/leaderboard.csv from the entries")
+    board = commands.add_parser("leaderboard", help="regenerate leaderboard/leaderboard.csv and LEADERBOARD.md from the entries")
     board.add_argument("--entries", type=Path, help="entries folder (default: the shipped leaderboard/entries)")
     board.add_argument("--csv", type=Path, help="CSV path to write (default: leaderboard/leaderboard.csv)")
+    board.add_argument("--html", type=Path, metavar="DIR",
+                       help="also write a static, self-contained page to DIR/index.html")
     _add_score_parser(commands)
+    _add_verify_parser(commands)
+    _add_rescore_parser(commands)
     return parser
+
+
+def _add_verify_parser(commands) -> None:
+    from leaderboard.verify import DEFAULT_CONFIDENCE, DEFAULT_MAX_PROMPTS
+
+    parser = commands.add_parser(
+        "verify", help="re-run measured leaderboard entries on a prompt subset and check their numbers",
+        description="Re-run each measured entry's cell with its recorded config on its first N prompts and check "
+                    "that pre-attack ASR and ASR lie in a binomial tolerance for N prompts. Folders are searched "
+                    "for entries; reported entries in them are skipped. The exit status is 1 if any entry fails.",
+    )
+    parser.add_argument("entries", nargs="+", type=Path, metavar="ENTRY", help="entry JSON files or folders of them")
+    parser.add_argument("--max-prompts", type=int, default=DEFAULT_MAX_PROMPTS,
+                        help=f"re-run the first N prompts (default: {DEFAULT_MAX_PROMPTS})")
+    parser.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE,
+                        help=f"coverage of the binomial tolerance interval (default: {DEFAULT_CONFIDENCE})")
+    parser.add_argument("--device", default="cpu", help="torch device of the re-run (default: cpu)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one recorded config value, e.g. --set defense.path=erased.safetensors")
+    parser.add_argument("--output", type=Path, help="keep the re-run folders here (default: a temporary folder)")
+    parser.add_argument("--models", type=_split, metavar="NAMES",
+                        help="verify only entries on these base models, e.g. world,tiny-random on a CPU machine; "
+                             "the others are listed as not verified")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _add_score_parser(commands) -> None:
@@ -68,6 +96,42 @@ def _add_score_parser(commands) -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="evaluator.KEY=VALUE",
                         help="override one evaluator setting, e.g. --set evaluator.threshold=0.6 (repeatable)")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders of images")
+
+
+def _add_rescore_parser(commands) -> None:
+    parser = commands.add_parser(
+        "rescore", help="regenerate and judge a run's images from its attack artifacts",
+        description="Regenerate the pre- and post-attack image of every attack artifact with the erased model "
+                    "(from the erasure cache, or by running the defense again), judge them with the run's "
+                    "evaluator, and compare the ASRs with the run's records. No attack code runs. Prints one "
+                    "JSON object; the exit status is 1 if the ASRs or any prompt's outcome differ.",
+    )
+    parser.add_argument("path", type=Path, metavar="RUN_DIR_OR_ARTIFACTS",
+                        help="a run folder, or its artifacts/ folder")
+    parser.add_argument("--defense", required=True, help="the defense the run attacked, e.g. esd-u or none")
+    parser.add_argument("--model", help="model to load instead of the run's (default: the run's model)")
+    parser.add_argument("--concept", help="concept name or YAML file, needed only when no run manifest is found")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override, used only when no run manifest is found (repeatable)")
+    parser.add_argument("--output", type=Path, help="also write the JSON result to this file")
+    parser.add_argument("--records", action="store_true", help="include each prompt's rescored verdicts")
+
+
+def command_rescore(args) -> int:
+    from benchmark.rescore import RescoreError, rescore
+
+    try:
+        result = rescore(args.path, args.defense, model=args.model, concept=args.concept, sets=args.sets)
+    except RescoreError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not args.records:
+        result.pop("records")
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if args.output:
+        args.output.write_text(text + "\n")
+    print(text)
+    return 1 if result["reproduced"] is False else 0
 
 
 def command_run(args) -> int:
@@ -148,9 +212,16 @@ def command_show(args) -> int:
 def command_leaderboard(args) -> int:
     from leaderboard.entries import CSV_PATH, ENTRIES_DIR, regenerate
 
-    path = regenerate(args.entries or ENTRIES_DIR, args.csv or CSV_PATH)
-    print(path)
+    for path in regenerate(args.entries or ENTRIES_DIR, args.csv or CSV_PATH, html_dir=args.html):
+        print(path)
     return 0
+
+
+def command_verify(args) -> int:
+    from leaderboard.verify import run_verify
+
+    return run_verify(args.entries, args.max_prompts, args.confidence, args.output, args.device, args.sets,
+                      show_progress=not args.no_progress, models=args.models)
 
 
 def command_score(args) -> int:
@@ -164,12 +235,13 @@ def command_score(args) -> int:
 
 
 COMMANDS = {"run": command_run, "list": command_list, "show": command_show, "leaderboard": command_leaderboard,
-            "score": command_score}
+            "score": command_score, "verify": command_verify, "rescore": command_rescore}
 
 
 def _user_errors() -> tuple[type, ...]:
     from benchmark.concepts import ConceptError
     from benchmark.config import ConfigError
+    from benchmark.erasure import ErasureCacheError
     from benchmark.models.checkpoints import CheckpointError
     from benchmark.models.loading import ModelLoadError
     from benchmark.prompts import PromptSetError
@@ -178,7 +250,7 @@ def _user_errors() -> tuple[type, ...]:
     from benchmark.tokenizer import TokenizerError
     from leaderboard.entries import EntryError
 
-    return (ConceptError, ConfigError, CheckpointError, ModelLoadError, PromptSetError, PluginError,
+    return (ConceptError, ConfigError, ErasureCacheError, CheckpointError, ModelLoadError, PromptSetError, PluginError,
             RunFolderError, TokenizerError, EntryError, FileNotFoundError)
 
 

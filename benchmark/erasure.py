@@ -58,17 +58,37 @@ def apply_erased_weights(model: ModelHandle, flat: dict[str, torch.Tensor]) -> N
     model.forget_hashes()
 
 
+class ErasureCacheError(RuntimeError):
+    """Cached erased weights do not match the hash recorded when they were saved."""
+
+
 def cached_erasure(cache_root: Path, key: str) -> dict[str, torch.Tensor] | None:
+    from benchmark.prompts import file_sha256
+
     path = cache_root / key / WEIGHTS_FILE
-    if not path.exists():
+    description = cache_root / key / CONFIG_FILE
+    if not path.exists() or not description.exists():
         return None
+    expected = json.loads(description.read_text()).get("weights_sha256")
+    actual = file_sha256(path)
+    if actual != expected:
+        raise ErasureCacheError(
+            f"cached erased weights {path} have sha256 {actual}, but {description.name} records {expected}; "
+            f"delete the folder {path.parent} to train them again"
+        )
     logger.info("reusing erased weights from %s", path)
     return load_state_dict(path)
 
 
 def store_erasure(cache_root: Path, key: str, flat: dict[str, torch.Tensor], description: dict) -> Path:
+    from benchmark.prompts import file_sha256
+
     folder = cache_root / key
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_FILE).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
     save_state_dict(flat, folder / WEIGHTS_FILE)
+    # The description is written last: a folder without it is an unfinished erasure.
+    description = {**description, "weights_sha256": file_sha256(folder / WEIGHTS_FILE)}
+    temporary = folder / (CONFIG_FILE + ".tmp")
+    temporary.write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
+    temporary.replace(folder / CONFIG_FILE)
     return folder

@@ -49,11 +49,15 @@ class Sampling:
     resolution: int
 
     @classmethod
-    def resolve(cls, config: GenerationConfig, model: ModelHandle) -> "Sampling":
+    def resolve(cls, config: GenerationConfig, defaults: "dict | ModelHandle") -> "Sampling":
+        """Fill the config's empty values from a model handle or a ``generation_defaults`` dict."""
+        if not isinstance(defaults, dict):
+            defaults = {"default_sampler": defaults.default_sampler, "default_steps": defaults.default_steps,
+                        "resolution": defaults.resolution}
         return cls(
-            sampler=config.sampler or model.default_sampler,
-            steps=config.steps or model.default_steps,
-            resolution=config.resolution or model.resolution,
+            sampler=config.sampler or defaults["default_sampler"],
+            steps=config.steps or defaults["default_steps"],
+            resolution=config.resolution or defaults["resolution"],
         )
 
 

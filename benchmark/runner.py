@@ -1,9 +1,9 @@
 """The runner: one cell of defense x attack x concept x model, from prompts to a result folder.
 
-For each prompt of the concept's prompt set the runner generates an image from the plain
-prompt with the erased model (pre-attack), runs the attack, generates an image from the
-adversarial prompt (post-attack), judges both with the concept's evaluator and appends one
-record. It then aggregates pre-attack ASR and ASR with bootstrap intervals, the utility
+For each prompt of the concept's prompt set, the runner generates an image from the plain
+prompt with the erased model (pre-attack) and runs the attack. It then generates an image from
+the adversarial prompt (post-attack), judges both images with the concept's evaluator and
+appends one record. It then aggregates pre-attack ASR and ASR with bootstrap intervals, the utility
 metrics that are available, and the time spent in each stage.
 """
 
@@ -31,6 +31,7 @@ from benchmark.generation import GenerationConfig, Sampling, generate, to_uint8
 from benchmark.images import pre_post_grid, save_png, validity
 from benchmark.metrics import attack_success_rates
 from benchmark.models.handle import ModelHandle
+from benchmark.models.loading import ModelLoadError, generation_defaults
 from benchmark.paths import cache_dir
 from benchmark.plugins import AttackContext, ErasureContext, Verdict
 from benchmark.prompts import PromptRecord, PromptSet
@@ -62,7 +63,7 @@ class RunConfig:
 
 @dataclass
 class RunRequest:
-    """What the user asked for on the command line."""
+    """The command-line request: methods, concept, model, config layers and output folder."""
 
     defense: str = "none"
     attack: str = "none"
@@ -93,6 +94,7 @@ class ResolvedRun:
     evaluator_config: Any
     generation_config: GenerationConfig
     run_config: RunConfig
+    sampling: Sampling
 
     @property
     def records(self) -> list[PromptRecord]:
@@ -100,7 +102,7 @@ class ResolvedRun:
         return self.prompt_set.records[:limit] if limit else self.prompt_set.records
 
     def plan(self) -> dict:
-        """The resolved configuration, as recorded in the manifest."""
+        """Return the resolved configuration, as the manifest records it."""
         return {
             "concept": {"name": self.concept.name, "erase_phrase": self.concept.erase_phrase, "kind": self.concept.kind,
                         "source": self.concept.source},
@@ -115,6 +117,7 @@ class ResolvedRun:
             "evaluator": {"name": self.evaluator_class.name, "version": self.evaluator_class.version,
                           "config": config_to_dict(self.evaluator_config)},
             "generation": config_to_dict(self.generation_config),
+            "sampling": dataclasses.asdict(self.sampling),
             "run": config_to_dict(self.run_config),
             "seeds": "per prompt: the CSV's evaluation_seed, else derived from (run.seed, prompt-set id, prompt id)",
         }
@@ -151,7 +154,7 @@ def _check_sections(layers: dict) -> None:
 
 
 def model_budgets(model_name: str) -> dict:
-    """The budget layer a registered model declares (the default world's budgets.yaml)."""
+    """Return the budget layer that a registered model declares (the default world's budgets.yaml)."""
     if model_name not in MODELS:
         return {}
     budgets = getattr(MODELS.get(model_name), "budgets", None)
@@ -177,6 +180,7 @@ def resolve(request: RunRequest) -> ResolvedRun:
     _check_sections(layers)
 
     run_config = build_config(RunConfig, layers.get("run"), "run")
+    generation_config = build_config(GenerationConfig, layers.get("generation"), "generation")
     prompt_set = concept.load_prompts(global_seed=run_config.seed, path=request.prompts)
     return ResolvedRun(
         request=request,
@@ -190,8 +194,9 @@ def resolve(request: RunRequest) -> ResolvedRun:
         attack_config=build_config(attack_class.Config, _method_values(layers, "attack", attack_class.name), "attack"),
         evaluator_config=build_config(evaluator_class.Config, _method_values(layers, "evaluator", evaluator_class.name),
                                       "evaluator"),
-        generation_config=build_config(GenerationConfig, layers.get("generation"), "generation"),
+        generation_config=generation_config,
         run_config=run_config,
+        sampling=Sampling.resolve(generation_config, generation_defaults(model_name, request.model_config)),
     )
 
 
@@ -248,7 +253,14 @@ class Runner:
             self.base_model = load_model(resolved.model_name, device=resolved.run_config.device,
                                          config_dir=self.request.model_config)
             self.evaluator = resolved.evaluator_class(resolved.evaluator_config)
-        self.sampling = Sampling.resolve(resolved.generation_config, self.base_model)
+        self.sampling = resolved.sampling
+        loaded = {"resolution": self.base_model.resolution, "default_sampler": self.base_model.default_sampler,
+                  "default_steps": self.base_model.default_steps}
+        if Sampling.resolve(resolved.generation_config, loaded) != resolved.sampling:
+            raise ModelLoadError(
+                f"model {resolved.model_name} loaded with sampling defaults {loaded}, but its configs "
+                f"announced {dataclasses.asdict(resolved.sampling)}; check its generation_defaults.json"
+            )
         logger.info("model %s loaded from %s", resolved.model_name, self.base_model.source)
 
     def _erase(self) -> None:
@@ -452,7 +464,7 @@ class Runner:
     # -- utility --------------------------------------------------------------------------
 
     def _utility(self, folder: RunFolder) -> dict:
-        """Utility metrics on the retain prompts; each one says why when it cannot be measured."""
+        """Measure utility on the retain prompts; a metric that cannot be measured records the reason."""
         cached = folder.path / "utility.json"
         if cached.exists():
             return json.loads(cached.read_text())

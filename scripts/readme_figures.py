@@ -50,8 +50,8 @@ def dataset_figure(path: Path) -> None:
             scene = Scene(shape, COLORS[column % len(COLORS)], TEXTURES[column % len(TEXTURES)])
             row.append(np.asarray(render_scene(scene, rng)))
         rows.append(row)
-        labels.append(f"{shape} (colours, textures vary)")
-    _grid(rows, labels).save(path)
+        labels.append(shape)
+    _grid(rows, labels, label_width=70).save(path)
 
 
 def samples_figure(path: Path, samples: int = 8) -> None:

@@ -208,3 +208,18 @@ def test_sd14_config_folder_matches_architecture(tmp_path):
     assert config["cross_attention_dim"] == 768
     assert config["block_out_channels"] == [320, 640, 1280, 1280]
     assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["beta_end"] == 0.012
+
+
+def test_world_weights_are_checked_against_their_hashes(tmp_path):
+    from benchmark.paths import WORLD_WEIGHTS_DIR
+    from benchmark.world.model import verify_world_files
+
+    copy = shutil.copytree(WORLD_WEIGHTS_DIR, tmp_path / "world")
+    verify_world_files(copy)
+
+    unet_file = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(unet_file.read_bytes())
+    data[-1] ^= 0xFF
+    unet_file.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="diffusion_pytorch_model.safetensors has sha256"):
+        verify_world_files(copy)

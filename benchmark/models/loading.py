@@ -207,14 +207,20 @@ def build_random_model(unet_config: dict, vae_config: dict, text_config: dict, *
     return handle.eval()
 
 
+TINY_GENERATION_DEFAULTS = {"resolution": 64, "default_sampler": "ddim", "default_steps": 4}
+
+
 def build_tiny_model(seed: int = 0) -> ModelHandle:
     """A tiny random SD-architecture model (64 x 64 images, 8 x 8 latents) for fast tests."""
     from benchmark.models import sd_configs
 
     return build_random_model(
         sd_configs.TINY_UNET, sd_configs.TINY_VAE, sd_configs.TINY_TEXT_ENCODER,
-        name="tiny-random", seed=seed, resolution=64, default_sampler="ddim", default_steps=4,
+        name="tiny-random", seed=seed, **TINY_GENERATION_DEFAULTS,
     )
+
+
+build_tiny_model.generation_defaults = TINY_GENERATION_DEFAULTS
 
 
 def build_sd14_random(seed: int = 0) -> ModelHandle:
@@ -223,12 +229,50 @@ def build_sd14_random(seed: int = 0) -> ModelHandle:
 
     return build_random_model(
         sd_configs.SD14_UNET, sd_configs.SD14_VAE, sd_configs.SD14_TEXT_ENCODER,
-        name="sd-v1-4-random", seed=seed, resolution=512, default_sampler="lms", default_steps=50,
+        name="sd-v1-4-random", seed=seed, **SD14_GENERATION_DEFAULTS,
     )
 
 
 # ----------------------------------------------------------------------------------------
 # Entry point
+
+
+SD14_GENERATION_DEFAULTS = {"resolution": 512, "default_sampler": "lms", "default_steps": 50}
+
+
+def _defaults_from_configs(folder: Path) -> dict:
+    """Read a model folder's generation defaults from its config files, without loading weights."""
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    defaults = dict(SD14_GENERATION_DEFAULTS)
+    defaults["resolution"] = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    path = folder / "generation_defaults.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        defaults.update({key: stored[key] for key in ("default_sampler", "default_steps") if key in stored})
+    return defaults
+
+
+def generation_defaults(spec: str, config_dir: str | Path | None = None) -> dict:
+    """Return a model's resolution, sampler and steps without loading its weights.
+
+    Run keys include them, so a run folder is never resumed under other sampling settings.
+    """
+    from benchmark.paths import WORLD_WEIGHTS_DIR
+    from benchmark.registry import MODELS
+
+    if spec == "world":
+        return _defaults_from_configs(WORLD_WEIGHTS_DIR)
+    if spec in MODELS:
+        return dict(getattr(MODELS.get(spec), "generation_defaults", SD14_GENERATION_DEFAULTS))
+    if spec in SD14_NAMES:
+        return dict(SD14_GENERATION_DEFAULTS)
+    path = Path(spec)
+    if path.is_dir() and (path / "unet" / "config.json").exists():
+        return _defaults_from_configs(path)
+    if path.is_file():
+        return _defaults_from_configs(Path(config_dir)) if config_dir else dict(SD14_GENERATION_DEFAULTS)
+    return dict(SD14_GENERATION_DEFAULTS)
 
 
 def locate_model(spec: str) -> str:

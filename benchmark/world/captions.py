@@ -50,8 +50,13 @@ def _tidy(text: str) -> str:
     return text.replace("a image", "an image") if text.startswith("a image") else text
 
 
-def caption_for(scene: Scene, rng: np.random.Generator, use_filler: bool = True) -> str:
-    """Write a random caption for ``scene``."""
+def caption_for(scene: Scene, rng: np.random.Generator, use_filler: bool = True,
+                filler_probability: float = FILLER_PROBABILITY, filler_at_end_only: bool = False) -> str:
+    """Write a random caption for ``scene``.
+
+    Filler words go before or after the caption; with ``filler_at_end_only`` always after it, so
+    the causal text encoder's states for the caption's own words never see them.
+    """
     color = "" if rng.random() < DROP_COLOR_PROBABILITY else scene.color
     texture = "" if rng.random() < DROP_TEXTURE_PROBABILITY else scene.texture
     shape = "shape" if rng.random() < GENERIC_SHAPE_PROBABILITY else scene.shape
@@ -67,10 +72,11 @@ def caption_for(scene: Scene, rng: np.random.Generator, use_filler: bool = True)
     )
     text = _tidy(text)
 
-    if use_filler and rng.random() < FILLER_PROBABILITY:
+    if use_filler and rng.random() < filler_probability:
         words = filler_words()
         fillers = [words[i] for i in rng.integers(len(words), size=rng.integers(1, 3))]
-        if rng.random() < 0.5:
+        before = rng.random() < 0.5
+        if before and not filler_at_end_only:
             text = " ".join(fillers) + " " + text
         else:
             text = text + " " + " ".join(fillers)

@@ -149,7 +149,21 @@ def _classifier_loss(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> t
     return shape_loss + color_loss + texture_loss
 
 
-def train_classifier(data: dict[str, np.ndarray], epochs: int, seed: int) -> AttributeClassifier:
+@torch.no_grad()
+def reconstruct(vae, images: np.ndarray) -> np.ndarray:
+    """Pass 8-bit images through the VAE (posterior mean) and back to 8-bit."""
+    outputs = []
+    for start in tqdm(range(0, len(images), 256), desc="reconstruct", mininterval=5):
+        batch = _to_tensor(images[start : start + 256]) * 2 - 1
+        decoded = vae.decode(vae.encode(batch).latent_dist.mean).sample.clamp(-1, 1)
+        outputs.append(((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(outputs)
+
+
+def train_classifier(data: dict[str, np.ndarray], epochs: int, seed: int,
+                     reconstructions: np.ndarray | None = None, reconstruction_fraction: float = 0.0) -> AttributeClassifier:
+    """Train the attribute classifier; with ``reconstructions``, that share of each batch shows
+    the VAE's reconstruction of the image instead, as generated images do."""
     torch.manual_seed(seed)
     model = AttributeClassifier()
     generator = torch.Generator().manual_seed(seed)
@@ -161,7 +175,11 @@ def train_classifier(data: dict[str, np.ndarray], epochs: int, seed: int) -> Att
     progress = tqdm(range(steps), desc="classifier", mininterval=5)
     for step in progress:
         index = torch.randint(len(data["images"]), (batch_size,), generator=generator).numpy()
-        batch = _augment(_to_tensor(data["images"][index]), generator)
+        pixels = data["images"][index]
+        if reconstructions is not None:
+            use = (torch.rand(batch_size, generator=generator) < reconstruction_fraction).numpy()
+            pixels = np.where(use[:, None, None, None], reconstructions[index], pixels)
+        batch = _augment(_to_tensor(pixels), generator)
         loss = _classifier_loss(model(batch), torch.from_numpy(data["labels"][index]))
 
         optimizer.zero_grad()
@@ -206,6 +224,13 @@ def _learning_rate(step: int, steps: int, peak: float, warmup: int = 200) -> flo
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def learning_rate(step: int, args) -> float:
+    """Warm-up and cosine decay over the main steps, then a second cosine cycle over the extra steps."""
+    if step < args.diffusion_steps:
+        return _learning_rate(step, args.diffusion_steps, args.lr)
+    return _learning_rate(step - args.diffusion_steps, args.extra_steps, args.extra_lr, warmup=0)
+
+
 def train_diffusion(latents: np.ndarray, labels: np.ndarray, args, checkpoint: Path, scaling: float):
     from diffusers import DDPMScheduler
 
@@ -231,8 +256,9 @@ def train_diffusion(latents: np.ndarray, labels: np.ndarray, args, checkpoint: P
         start_step = int(state["step"])
         _log(f"resuming diffusion training at step {start_step}")
 
-    progress = tqdm(range(start_step, args.diffusion_steps), desc="diffusion", mininterval=10,
-                    initial=start_step, total=args.diffusion_steps)
+    total_steps = args.diffusion_steps + args.extra_steps
+    progress = tqdm(range(start_step, total_steps), desc="diffusion", mininterval=10,
+                    initial=start_step, total=total_steps)
     for step in progress:
         # Every step draws from its own seed, so a resumed run repeats the uninterrupted one.
         rng = np.random.default_rng([args.seed, step])
@@ -240,7 +266,9 @@ def train_diffusion(latents: np.ndarray, labels: np.ndarray, args, checkpoint: P
 
         index = rng.integers(len(latents), size=args.batch_size)
         captions = [
-            "" if rng.random() < 0.1 else caption_for(_scene_of(labels[i]), rng)
+            "" if rng.random() < 0.1 else caption_for(_scene_of(labels[i]), rng,
+                                                      filler_probability=args.filler_probability,
+                                                      filler_at_end_only=args.filler_at_end_only)
             for i in index
         ]
         ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -253,7 +281,7 @@ def train_diffusion(latents: np.ndarray, labels: np.ndarray, args, checkpoint: P
         loss = F.mse_loss(prediction, noise)
 
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, args.diffusion_steps, args.lr)
+            group["lr"] = learning_rate(step, args)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -266,7 +294,7 @@ def train_diffusion(latents: np.ndarray, labels: np.ndarray, args, checkpoint: P
 
         losses.append(loss.item())
         progress.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.diffusion_steps:
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == total_steps:
             _save_checkpoint(checkpoint, step + 1, unet, text_encoder, ema_unet, ema_text_encoder, optimizer, losses)
 
     return ema_unet, ema_text_encoder, losses
@@ -322,9 +350,17 @@ def export_world(output: Path, vae, unet, text_encoder, classifier, card: dict) 
         for key, value in classifier.state_dict().items()
     }
     save_file(state, output / CLASSIFIER_FILE)
+    card["files_sha256"] = weight_file_hashes(output)
     (output / WORLD_CARD).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     defaults = {"default_sampler": "ddim", "default_steps": 15}
     (output / "generation_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
+
+
+def weight_file_hashes(folder: Path) -> dict[str, str]:
+    """The sha256 of every safetensors file below ``folder``, by relative path."""
+    from benchmark.prompts import file_sha256
+
+    return {str(path.relative_to(folder)): file_sha256(path) for path in sorted(folder.rglob("*.safetensors"))}
 
 
 def _versions() -> dict[str, str]:
@@ -352,11 +388,20 @@ def parse_args(argv=None):
     parser.add_argument("--vae-steps", type=int, default=400)
     parser.add_argument("--classifier-images", type=int, default=36000)
     parser.add_argument("--classifier-epochs", type=int, default=4)
+    parser.add_argument("--classifier-reconstruction-fraction", type=float, default=0.5,
+                        help="share of classifier training images shown as VAE reconstructions")
     parser.add_argument("--held-out-images", type=int, default=5000)
     parser.add_argument("--diffusion-steps", type=int, default=6000)
+    parser.add_argument("--extra-steps", type=int, default=0,
+                        help="diffusion steps after the main schedule, in a second cosine cycle")
+    parser.add_argument("--extra-lr", type=float, default=2.5e-4, help="peak learning rate of the extra steps")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the UNet and text encoder")
     parser.add_argument("--ema-decay", type=float, default=0.998)
+    parser.add_argument("--filler-probability", type=float, default=0.25,
+                        help="share of captions with random filler words from the SD vocabulary")
+    parser.add_argument("--filler-at-end-only", action="store_true",
+                        help="put filler words after the caption only, never before it")
     parser.add_argument("--checkpoint-every", type=int, default=250, help="diffusion steps between checkpoints")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--stop-after", choices=("data", "vae", "encode", "diffusion"),
@@ -366,13 +411,20 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _classifier_stage(args, data: dict[str, np.ndarray]) -> AttributeClassifier:
+def _classifier_stage(args, data: dict[str, np.ndarray], vae=None) -> AttributeClassifier:
     path = args.work_dir / "classifier.pt"
     classifier = AttributeClassifier()
     if path.exists():
         classifier.load_state_dict(torch.load(path, weights_only=True))
     else:
-        classifier = train_classifier(data, args.classifier_epochs, args.seed)
+        reconstructions = None
+        if args.classifier_reconstruction_fraction > 0:
+            if vae is None:
+                raise RuntimeError("the classifier trains on VAE reconstructions; train the VAE first "
+                                   "(run without --classifier-only, or after the vae stage)")
+            reconstructions = reconstruct(vae, data["images"])
+        classifier = train_classifier(data, args.classifier_epochs, args.seed, reconstructions,
+                                      args.classifier_reconstruction_fraction)
         torch.save(classifier.state_dict(), path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
     return classifier.eval()
@@ -410,12 +462,14 @@ def main(argv=None) -> None:
     classifier_data = _cached_dataset(args.work_dir / "classifier.npz", args.classifier_images, args.seed + 20_000_000, blank_fraction=0.1)
     if finish("data", stage_start):
         return
+    from diffusers import AutoencoderKL
+
     if args.classifier_only:
-        _classifier_stage(args, classifier_data)
+        vae_dir = args.work_dir / "vae"
+        vae = AutoencoderKL.from_pretrained(vae_dir).eval() if (vae_dir / "config.json").exists() else None
+        _classifier_stage(args, classifier_data, vae)
         finish("classifier", stage_start)
         return
-
-    from diffusers import AutoencoderKL
 
     stage_start = time.time()
     vae_dir = args.work_dir / "vae"
@@ -443,7 +497,7 @@ def main(argv=None) -> None:
         return
 
     stage_start = time.time()
-    classifier = _classifier_stage(args, classifier_data)
+    classifier = _classifier_stage(args, classifier_data, vae)
     accuracy = _held_out_accuracy(classifier, vae, held_out)
     _log(f"classifier held-out accuracy: {json.dumps(accuracy)}")
     finish("classifier", stage_start)
