@@ -161,6 +161,7 @@ def command_run(args) -> int:
     for resolved in resolved_cells:
         logger.info("running %s on %s (defense %s, attack %s, %d prompts)", resolved.concept.name,
                     resolved.model_name, resolved.defense_class.name, resolved.attack_class.name, len(resolved.records))
+        _log_budgets(resolved)
         run_dir = Runner(resolved).run()
         summary = json.loads((run_dir / "summary.json").read_text())
         logger.info("pre-attack ASR %.3f, ASR %.3f over %d prompts (%d invalid images); %.0f s",
@@ -172,6 +173,18 @@ def command_run(args) -> int:
             logger.info("leaderboard entry written to %s", publish(run_dir))
         print(run_dir)
     return 0
+
+
+def _log_budgets(resolved) -> None:
+    """Say which methods run with the model's reduced budget instead of the reference one."""
+    from benchmark.runner import model_budgets
+
+    budgets = model_budgets(resolved.model_name)
+    sections = [f"defense/{resolved.defense_class.name}", f"attack/{resolved.attack_class.name}"]
+    reduced = [section for section in sections if section in budgets]
+    if reduced:
+        logger.info("model %s sets reduced budgets for %s (its budgets.yaml); the reference budgets apply on "
+                    "SD v1.4, and --set overrides either", resolved.model_name, ", ".join(reduced))
 
 
 def command_list(args) -> int:

@@ -160,6 +160,10 @@ class Registry:
 
 ATTACKS = Registry("attack", {
     "none": "attacks.no_attack:NoAttack",
+    "unlearndiffatk": "attacks.unlearndiffatk:UnlearnDiffAtk",
+    "p4d-n": "attacks.p4d:P4DN",
+    "p4d-k": "attacks.p4d:P4DK",
+    "cce": "attacks.cce:CCE",
 })
 
 DEFENSES = Registry("defense", {

@@ -59,6 +59,9 @@ class RunConfig:
     # 0 keeps torch's default thread count.
     threads: int = field(default=0, metadata=bounds(min=0))
     grid_rows: int = field(default=16, metadata=bounds(min=0))
+    # Also run the attack on a known-vulnerable erasure (benchmark.selftest) and record the
+    # outcome in the summary; a failed self-test marks the attack results invalid.
+    self_test: bool = False
 
 
 @dataclass
@@ -94,7 +97,13 @@ class ResolvedRun:
     evaluator_config: Any
     generation_config: GenerationConfig
     run_config: RunConfig
-    sampling: Sampling
+    # None: resolved from the model's generation defaults.
+    sampling: Sampling | None = None
+
+    def __post_init__(self) -> None:
+        if self.sampling is None:
+            defaults = generation_defaults(self.model_name, self.request.model_config)
+            self.sampling = Sampling.resolve(self.generation_config, defaults)
 
     @property
     def records(self) -> list[PromptRecord]:
@@ -124,7 +133,8 @@ class ResolvedRun:
 
     def run_key(self) -> str:
         plan = self.plan()
-        plan["run"] = {key: value for key, value in plan["run"].items() if key not in ("device", "grid_rows", "threads")}
+        plan["run"] = {key: value for key, value in plan["run"].items()
+                       if key not in ("device", "grid_rows", "threads", "self_test")}
         plan["generation"] = {key: value for key, value in plan["generation"].items() if key != "batch_size"}
         return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -554,9 +564,18 @@ class Runner:
             progress.close()
 
             summary = self.summarize(folder)
+            if resolved.run_config.self_test:
+                summary.update(self._self_test())
             summary["wall_seconds_this_invocation"] = round(time.perf_counter() - started, 3)
             folder.write_summary(summary)
         return folder_path
+
+    def _self_test(self) -> dict:
+        """Run the attack self-test; a failed self-test marks this run's attack results invalid."""
+        from benchmark.selftest import run_self_test
+
+        result = run_self_test(self.resolved)
+        return {"self_test": result, "attack_results_valid": result["status"] != "failed"}
 
     def summarize(self, folder: RunFolder) -> dict:
         resolved = self.resolved
