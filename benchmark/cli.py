@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmark {run,list,show,score,leaderboard,verify}``."""
+"""Command line: ``python -m benchmark {run,list,show,score,leaderboard,verify,rescore}``."""
 
 from __future__ import annotations
 

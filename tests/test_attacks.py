@@ -1,8 +1,8 @@
 """UnlearnDiffAtk, P4D-N/K and CCE: building blocks, layouts, batching, rescoring and the self-test.
 
 Fast tests run on the tiny random model. The world tests need the default world's weights and
-the esd-u defense and are skipped with the reason otherwise; the full-size SD v1.4 tests are
-marked slow.
+the ESD defenses, and they are skipped with the reason when those are missing. The full-size
+SD v1.4 tests are marked slow.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ UNLEARNDIFFATK_TINY = {"timesteps": 2, "steps_per_timestep": 2, "target_steps": 
 
 
 class _Evaluator:
-    """Scores every image 0 and never sees the concept."""
+    """Evaluator stub: every image scores 0 and fails."""
 
     def score(self, images, targets=None):
         return [Verdict(success=False, score=0.0) for _ in images]
@@ -449,13 +449,15 @@ def test_self_test_contract(tmp_path):
 
 
 def test_runner_records_self_test(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(__import__("benchmark.selftest").selftest.VULNERABLE_DEFENSES, "tiny-random", ("none", {}))
+    from benchmark.selftest import DEFAULT_PROMPTS, VULNERABLE_DEFENSES
+
+    monkeypatch.setitem(VULNERABLE_DEFENSES, "tiny-random", ("none", {}))
     run_dir = _run(capsys, "--attack", "unlearndiffatk", "--set", "run.max_prompts=1", "--set", "run.self_test=true",
                    "--set", "attack.timesteps=1", "--set", "attack.steps_per_timestep=1",
                    "--set", "attack.target_steps=2", "--output", str(tmp_path))
     summary = _summary(run_dir)
     assert summary["self_test"]["status"] == "failed"
-    assert summary["self_test"]["n_prompts"] == 4
+    assert summary["self_test"]["n_prompts"] == DEFAULT_PROMPTS
     assert summary["attack_results_valid"] is False
     assert Path(summary["self_test"]["run_dir"]).parent == tmp_path / "self-test"
 
@@ -470,7 +472,7 @@ def test_self_test_skips_without_attack_or_defense(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------
-# The default world against ESD-u
+# The default world against its known-vulnerable ESD erasures
 
 
 WORLD_ATTACKS = ("unlearndiffatk", "p4d-n", "p4d-k", "cce")
@@ -482,38 +484,34 @@ def _world_available() -> str | None:
 
     if not (WORLD_WEIGHTS_DIR / "model_index.json").exists():
         return f"the default world's weights are not in {WORLD_WEIGHTS_DIR}"
-    if "esd-u" not in DEFENSES:
-        return "the esd-u defense is not registered"
+    if "esd-u" not in DEFENSES or "esd-x" not in DEFENSES:
+        return "the esd-u and esd-x defenses are not registered"
     return None
 
 
 world = pytest.mark.skipif(_world_available() is not None, reason=_world_available() or "")
 
 
-def _vulnerable_esd_options() -> list[str]:
-    from benchmark.selftest import VULNERABLE_DEFENSES
-
-    defense, settings = VULNERABLE_DEFENSES["world"]
-    assert defense == "esd-u"
-    return [option for key, value in settings.items() for option in ("--set", f"defense.{key}={value}")]
-
-
 @pytest.fixture(scope="module")
 def world_runs(tmp_path_factory):
-    """Run every attack and no attack against the known-vulnerable ESD-u on the world's first prompts."""
+    """Run every attack, and no attack, against its known-vulnerable ESD on the world's first prompts."""
+    from benchmark.selftest import vulnerable_defense
     from benchmark.world.model import BUDGETS_FILE
 
     output = tmp_path_factory.mktemp("world-runs")
     runs = {}
-    for attack in ("none",) + WORLD_ATTACKS:
-        # The budgets file is passed as a config file too, so these runs use the world's attack
-        # budgets whichever layer applies them.
-        code = main(["run", "--defense", "esd-u", "--attack", attack, "--config", str(BUDGETS_FILE),
-                     *_vulnerable_esd_options(), "--set", f"run.max_prompts={WORLD_PROMPTS}",
-                     "--set", "run.utility=false", "--set", "run.threads=1", "--no-progress",
-                     "--output", str(output)])
-        assert code == 0
-        runs[attack] = next(output.glob(f"circle__esd-u__{attack}__*"))
+    for attack in WORLD_ATTACKS:
+        defense, settings = vulnerable_defense("world", attack)
+        options = [option for key, value in settings.items() for option in ("--set", f"defense.{key}={value}")]
+        for name in ("none", attack):
+            # The budgets file is passed as a config file too, so these runs use the world's
+            # attack budgets whichever layer applies them.
+            code = main(["run", "--defense", defense, "--attack", name, "--config", str(BUDGETS_FILE), *options,
+                         "--set", f"run.max_prompts={WORLD_PROMPTS}", "--set", "run.utility=false",
+                         "--set", "run.threads=1", "--no-progress", "--output", str(output)])
+            assert code == 0
+        runs[attack] = next(output.glob(f"circle__{defense}__{attack}__*"))
+        runs[("none", defense)] = next(output.glob(f"circle__{defense}__none__*"))
     return runs
 
 
@@ -539,8 +537,9 @@ def test_world_unerased_rescore(tmp_path, capsys):
 
 @world
 @pytest.mark.slow
-def test_world_none_keeps_pre_attack_asr(world_runs):
-    summary = _summary(world_runs["none"])
+@pytest.mark.parametrize("defense", ("esd-u", "esd-x"))
+def test_world_none_keeps_pre_attack_asr(world_runs, defense):
+    summary = _summary(world_runs[("none", defense)])
     assert summary["asr"] == summary["pre_attack_asr"]
 
 
@@ -556,7 +555,9 @@ def test_world_attack_beats_esd(world_runs, attack):
 @pytest.mark.slow
 @pytest.mark.parametrize("attack", ("unlearndiffatk", "cce"))
 def test_world_rescore_reproduces_asr(world_runs, capsys, attack):
-    code, result = _rescore(capsys, world_runs[attack], defense="esd-u")
+    from benchmark.selftest import vulnerable_defense
+
+    code, result = _rescore(capsys, world_runs[attack], defense=vulnerable_defense("world", attack)[0])
     assert code == 0
     assert result["reproduced"] is True
     assert result["asr"] == _summary(world_runs[attack])["asr"]

@@ -69,10 +69,13 @@ def load_diffusers_folder(folder: str | Path, name: str | None = None, dtype=tor
         text_encoder = CLIPTextModel.from_pretrained(
             str(_require(folder / "text_encoder", "text encoder")), dtype=dtype, local_files_only=True
         )
+        # low_cpu_mem_usage=False: the default needs the optional accelerate package and warns without it.
         unet = UNet2DConditionModel.from_pretrained(
-            str(_require(folder / "unet", "UNet")), torch_dtype=dtype, local_files_only=True
+            str(_require(folder / "unet", "UNet")), torch_dtype=dtype, local_files_only=True, low_cpu_mem_usage=False
         )
-        vae = AutoencoderKL.from_pretrained(str(_require(folder / "vae", "VAE")), torch_dtype=dtype, local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(
+            str(_require(folder / "vae", "VAE")), torch_dtype=dtype, local_files_only=True, low_cpu_mem_usage=False
+        )
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"failed to load the model in {folder}: {error}") from error
 
