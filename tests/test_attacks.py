@@ -1,7 +1,7 @@
 """UnlearnDiffAtk, P4D-N/K and CCE: building blocks, layouts, batching, rescoring and the self-test.
 
 Fast tests run on the tiny random model. The world tests need the default world's weights and
-the ESD defenses, and they are skipped with the reason when those are missing. The full-size
+the esd-x defense, and they are skipped with the reason when those are missing. The full-size
 SD v1.4 tests are marked slow.
 """
 
@@ -484,8 +484,8 @@ def _world_available() -> str | None:
 
     if not (WORLD_WEIGHTS_DIR / "model_index.json").exists():
         return f"the default world's weights are not in {WORLD_WEIGHTS_DIR}"
-    if "esd-u" not in DEFENSES or "esd-x" not in DEFENSES:
-        return "the esd-u and esd-x defenses are not registered"
+    if "esd-x" not in DEFENSES:
+        return "the esd-x defense is not registered"
     return None
 
 
@@ -537,16 +537,18 @@ def test_world_unerased_rescore(tmp_path, capsys):
 
 @world
 @pytest.mark.slow
-@pytest.mark.parametrize("defense", ("esd-u", "esd-x"))
-def test_world_none_keeps_pre_attack_asr(world_runs, defense):
-    summary = _summary(world_runs[("none", defense)])
+def test_world_none_keeps_pre_attack_asr(world_runs):
+    from benchmark.selftest import vulnerable_defense
+
+    summary = _summary(world_runs[("none", vulnerable_defense("world", "none")[0])])
     assert summary["asr"] == summary["pre_attack_asr"]
 
 
-# ASR gain over pre-attack ASR measured on all 50 circle prompts (docs/attacks.md): this
-# attack stays below the 0.4 target at the world's budget.
+# ASR gains over pre-attack ASR measured against ESD-x on all 50 circle prompts
+# (docs/attacks.md). These attacks stay below the 0.4 target at the world's budgets.
 BELOW_TARGET = {
-    "unlearndiffatk": "UnlearnDiffAtk gained 0.26 against ESD-u on the world's 50 prompts",
+    "unlearndiffatk": "UnlearnDiffAtk gained 0.34 against ESD-x on the world's 50 prompts",
+    "cce": "CCE gained 0.38 against ESD-x on the world's 50 prompts",
 }
 
 
