@@ -150,9 +150,15 @@ class ResolvedRun:
 # Resolution
 
 
-def _method_values(layers: dict, kind: str, name: str) -> dict:
-    values = dict(layers.get(kind, {}))
-    values.update(layers.get(f"{kind}/{name}", {}))
+def _method_values(layer_list: list[dict] | dict, kind: str, name: str) -> dict:
+    """Merge a method's values layer by layer, so a later generic section (``--set defense.lr``)
+    beats an earlier method-specific one (the model budget's ``defense/esd-x``)."""
+    if isinstance(layer_list, dict):
+        layer_list = [layer_list]
+    values: dict = {}
+    for layer in layer_list:
+        values.update((layer or {}).get(kind, {}))
+        values.update((layer or {}).get(f"{kind}/{name}", {}))
     return values
 
 
@@ -187,8 +193,9 @@ def resolve(request: RunRequest) -> ResolvedRun:
     for option in request.sets:
         section, key, value = parse_set_option(option)
         set_layer.setdefault(section, {})[key] = value
-    layers = merge_layers(model_budgets(model_name), concept.overrides, {"evaluator": concept.evaluator_settings},
-                          file_layer, set_layer)
+    layer_list = [model_budgets(model_name), concept.overrides, {"evaluator": concept.evaluator_settings},
+                  file_layer, set_layer]
+    layers = merge_layers(*layer_list)
     _check_sections(layers)
 
     run_config = build_config(RunConfig, layers.get("run"), "run")
@@ -202,9 +209,9 @@ def resolve(request: RunRequest) -> ResolvedRun:
         defense_class=defense_class,
         attack_class=attack_class,
         evaluator_class=evaluator_class,
-        defense_config=build_config(defense_class.Config, _method_values(layers, "defense", defense_class.name), "defense"),
-        attack_config=build_config(attack_class.Config, _method_values(layers, "attack", attack_class.name), "attack"),
-        evaluator_config=build_config(evaluator_class.Config, _method_values(layers, "evaluator", evaluator_class.name),
+        defense_config=build_config(defense_class.Config, _method_values(layer_list, "defense", defense_class.name), "defense"),
+        attack_config=build_config(attack_class.Config, _method_values(layer_list, "attack", attack_class.name), "attack"),
+        evaluator_config=build_config(evaluator_class.Config, _method_values(layer_list, "evaluator", evaluator_class.name),
                                       "evaluator"),
         generation_config=generation_config,
         run_config=run_config,

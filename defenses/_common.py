@@ -111,7 +111,7 @@ TIMESTEP_LABELLINGS = ("reference", "consistent")
 
 @dataclass
 class TrainingTimestep:
-    """Where one ESD-style training example sits on the DDIM grid.
+    """Position of one ESD-style training example on the DDIM grid.
 
     ``denoise_timesteps`` are the DDIM timesteps run from pure noise to reach x_t, and
     ``timestep`` is the DDPM timestep at which the losses query the UNet.

@@ -23,7 +23,7 @@ The reference code has three bugs; the defaults fix them, and a flag brings each
   number of words, not of tokens, so the second sub-token of a one-word, two-token concept
   ("nudity" = "nu" + "dity") drops out of the adversarial prompt.
 - ``reference_gradient_accumulation``: the attack never resets the gradient of the
-  adversarial embedding, so each Adam step sees the sum of all gradients of the round
+  adversarial embedding, so each Adam step gets the sum of all gradients of the round
   (and fast AT takes the sign of that sum, in place).
 - ``reference_stale_attack``: the attack returns the prompt built before its last update,
   so the last of its steps is lost.
@@ -95,7 +95,7 @@ class AdvUnlearnConfig:
 
 
 def prompt_length(model: ModelHandle, phrase: str, word_count: bool = False) -> int:
-    """The number of prompt tokens the adversarial slots go after: BPE tokens, or words as the reference counts."""
+    """Count the prompt tokens that the adversarial slots follow: BPE tokens, or words as the reference does."""
     if word_count:
         return len(phrase.split())
     return model.tokenize([phrase]).lengths[0] - 2
@@ -293,11 +293,11 @@ class _AdversarialState:
         self.adversarial: torch.Tensor | None = None
 
     def adversarial_prompt(self, model: ModelHandle, adversarial: torch.Tensor) -> torch.Tensor:
-        """The word embeddings of the concept prompt with the adversarial slots after the start token."""
+        """Build the concept prompt's word embeddings with the adversarial slots after the start token."""
         return insert_adversarial_prefix(self.concept_embeddings, adversarial, self.length)
 
     def initial_adversarial(self, generator: torch.Generator) -> torch.Tensor:
-        """The attack's start: the latest adversarial embedding, or the embeddings of random tokens."""
+        """Return the attack's start: the latest adversarial embedding, or the embeddings of random tokens."""
         if self.config.attack_init == "latest" and self.adversarial is not None:
             return self.adversarial.detach().clone()
         table = self.model.token_embedding.weight.detach()

@@ -124,7 +124,7 @@ def _target_keys(model: ModelHandle, component: str) -> set[str]:
 
 
 def guess_component(state: dict[str, torch.Tensor], model: ModelHandle) -> str | None:
-    """The component whose keys the checkpoint's keys overlap most (at least half), or None."""
+    """Return the component whose keys the checkpoint's keys overlap most (at least half), or None."""
     for prefix, component in ORIGINAL_LAYOUT_PREFIXES.items():
         if any(key.startswith(prefix) for key in state):
             return f"original-layout {component}"
@@ -212,7 +212,7 @@ def load_unet_weights(path: str | Path, model: ModelHandle) -> dict[str, torch.T
 
 @dataclass
 class CheckpointConfig:
-    """Where the published erased weights are."""
+    """Location and component of the published erased weights."""
 
     # A state dict file or a diffusers component folder.
     path: str = ""

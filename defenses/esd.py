@@ -11,16 +11,16 @@ github.com/rohitgandikota/erasing (commit a2189e9): eta 1, Adam at lr 1e-5, 1,00
 iterations of batch 1, x_t from a partial 50-step DDIM run with guidance 3 by the model
 being trained. That script labels x_t with a timestep about 40-58 DDPM steps noisier than
 x_t really is (see ``draw_training_timestep``). The offset is the default because every
-published ESD model and AdvUnlearn's training were made with it; ``timestep_labelling:
-consistent`` queries the UNet at the latent's own timestep, and ``sample_with: original``
-generates x_t with the frozen model, as ESD's 2025 script does.
+published ESD model and AdvUnlearn's training were made with it. ``timestep_labelling:
+consistent`` queries the UNet at the latent's own timestep instead, and ``sample_with:
+original`` generates x_t with the frozen model, as ESD's 2025 script does.
 
 The three plug-ins differ only in the UNet parameters they train:
 
 - ``esd-x``: the cross-attention (``attn2``) parameters; the paper uses it for styles.
 - ``esd-u``: everything except the cross-attention, the time-embedding MLP and the output
-  head (norms and conv_in included, as in the paper-era ``noxattn``); used for nudity and
-  objects.
+  head. Norms and conv_in are included, as in the paper-era ``noxattn``. The paper uses it
+  for nudity and objects.
 - ``esd-full``: every UNet parameter.
 """
 

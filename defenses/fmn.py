@@ -3,13 +3,13 @@
 FMN fine-tunes the UNet so that, while it denoises images of the concept, its
 cross-attention maps put no weight on the concept's tokens. The loss is the (non-squared)
 Frobenius norm of the attention probabilities at the concept's token positions, over all
-heads, pixels and cross-attention layers; the noise prediction itself is not used.
+heads, pixels and cross-attention layers. The noise prediction itself is not used.
 
-Defaults follow github.com/SHI-Labs/Forget-Me-Not (commit a4a81e8, ``configs/attn.yaml``):
-the whole UNet trained with AdamW (lr 2e-6, betas (0.9, 0.999), eps 1e-8, weight decay
-0.01), gradient-norm clipping at 1.0, 35 steps of batch 1, prompts "a photo of {concept}"
-or "a photo in the style of {concept}", and the end-of-text token added to the concept's
-positions (``use_pooler``). The optional first stage (``use_ti``) learns 4 new token
+Defaults follow github.com/SHI-Labs/Forget-Me-Not (commit a4a81e8, ``configs/attn.yaml``).
+The whole UNet is trained with AdamW (lr 2e-6, betas (0.9, 0.999), eps 1e-8, weight decay
+0.01) and gradient-norm clipping at 1.0, for 35 steps of batch 1. The prompts are "a photo
+of {concept}" or "a photo in the style of {concept}", and the end-of-text token is added to
+the concept's positions (``use_pooler``). The optional first stage (``use_ti``) learns 4 new token
 embeddings of the concept by textual inversion, as ``configs/ti.yaml`` does (AdamW lr 1e-3,
 weight decay 0.1, 500 steps, norms pulled toward 0.4), and stage 2 then steers attention
 away from those tokens.
@@ -216,7 +216,7 @@ class InvertedPrompt:
         return torch.cat(rows, dim=1)
 
     def positions(self, model: ModelHandle, use_pooler: bool, eot_positions: str) -> torch.Tensor:
-        """The slots' positions, plus the end-of-text positions after them."""
+        """Return the slots' positions, plus the end-of-text positions after them."""
         ids = [-1 if index in self.slots else token for index, token in enumerate(self.ids)]
         return torch.tensor(self.slots + end_of_text_positions(model, ids, use_pooler, eot_positions))
 
@@ -377,7 +377,7 @@ class ForgetMeNot(Defense):
         return result
 
     def _initial_embeddings(self, model: ModelHandle, phrase: str, seed: int) -> torch.Tensor:
-        """The concept's own token embeddings in the first slots and N(0, 1) vectors in the rest.
+        """Build the start embeddings: the concept's own token embeddings, then N(0, 1) vectors.
 
         The reference initialises its 4 tokens from the concept's words ("elon", "musk") and two
         random vectors.

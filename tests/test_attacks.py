@@ -502,7 +502,9 @@ def world_runs(tmp_path_factory):
     runs = {}
     for attack in WORLD_ATTACKS:
         defense, settings = vulnerable_defense("world", attack)
-        options = [option for key, value in settings.items() for option in ("--set", f"defense.{key}={value}")]
+        # A "defense/<name>" section, because it beats the budget's section of that name.
+        options = [option for key, value in settings.items()
+                   for option in ("--set", f"defense/{defense}.{key}={value}")]
         for name in ("none", attack):
             # The budgets file is passed as a config file too, so these runs use the world's
             # attack budgets whichever layer applies them.

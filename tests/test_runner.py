@@ -226,3 +226,12 @@ def test_dry_run_checks_model_exists(tmp_path, capsys, monkeypatch):
     code = main(["run", "--dry-run", "--model", "sd-v1-4", "--output", str(tmp_path)])
     assert code == 2
     assert "not in the local Hugging Face cache" in capsys.readouterr().err
+
+
+def test_set_beats_model_budget(tmp_path):
+    from benchmark.runner import RunRequest, resolve
+
+    budgeted = resolve(RunRequest(defense="esd-x"))
+    assert budgeted.defense_config.iterations == 300
+    overridden = resolve(RunRequest(defense="esd-x", sets=["defense.iterations=7"]))
+    assert overridden.defense_config.iterations == 7

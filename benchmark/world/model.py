@@ -50,3 +50,7 @@ def verify_world_files(folder: Path) -> None:
                 f"the default world's weights file {path} has sha256 {actual}, but world.json records {expected}; "
                 "the file was changed or damaged. Reinstall the package, or rebuild with `python -m benchmark.world.train`"
             )
+
+
+# The runner reads a registered model's budget layer from this attribute without loading weights.
+load_world.budgets = world_budgets
