@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,8 @@ def _one_step_run(kind: str, name: str, copy: str, root: Path, monkeypatch) -> P
         return _RUNS[key]
 
     folder = root / f"{kind}-{name}-{copy}"
+    # A failed earlier attempt leaves its folder behind; start clean so the real error shows again.
+    shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     # A private erasure cache per copy, so the second run trains again instead of reusing the first's weights.
     monkeypatch.setenv(CACHE_VARIABLE, str(folder / "cache"))
