@@ -382,19 +382,31 @@ class Runner:
 
     # -- prompts --------------------------------------------------------------------------
 
-    def _attack(self, attack, record: PromptRecord) -> tuple[dict, Any]:
-        generator = torch.Generator().manual_seed(record.seed)
-        context = AttackContext(
+    def _attack_context(self, record: PromptRecord) -> AttackContext:
+        return AttackContext(
             model=self.model, record=record, concept=self.resolved.concept, evaluator=self.evaluator,
             judge=lambda prompt=None, text_states=None: self.judge_one(record, prompt, text_states),
-            original_model=lambda: self.base_model, generator=generator,
+            original_model=lambda: self.base_model, generator=torch.Generator().manual_seed(record.seed),
             show_progress=self.request.show_progress,
         )
-        started = time.perf_counter()
-        adversarial = attack.attack(context)
-        seconds = time.perf_counter() - started
-        self.timer.add("attack", seconds)
 
+    def _attack_all(self, attack, chunk: list[PromptRecord]) -> list[tuple[dict, Any]]:
+        """Attack the chunk's prompts: one by one, or together where the attack optimises a batch."""
+        started = time.perf_counter()
+        if attack_batch_size(attack) > 1:
+            adversarial_prompts = attack.attack_batch([self._attack_context(record) for record in chunk])
+            seconds = [(time.perf_counter() - started) / len(chunk)] * len(chunk)
+        else:
+            adversarial_prompts, seconds = [], []
+            for record in chunk:
+                adversarial_prompts.append(attack.attack(self._attack_context(record)))
+                seconds.append(time.perf_counter() - started - sum(seconds))
+        self.timer.add("attack", time.perf_counter() - started)
+        optimised_together = len(chunk) if attack_batch_size(attack) > 1 else 1
+        return [(self._attack_summary(record, adversarial, spent, optimised_together), adversarial)
+                for record, adversarial, spent in zip(chunk, adversarial_prompts, seconds)]
+
+    def _attack_summary(self, record: PromptRecord, adversarial, seconds: float, batch: int) -> dict:
         reencoded = self.model.tokenize([adversarial.text]).input_ids[0].tolist()
         summary = {
             "text": adversarial.text,
@@ -404,12 +416,13 @@ class Runner:
             "steps": adversarial.steps,
             "succeeded_during_attack": adversarial.succeeded_during_attack,
             "seconds": round(seconds, 3),
+            "batch": batch,
             "info": adversarial.info,
         }
         if not summary["reencoded_token_ids_match"]:
             summary["reencoded_token_ids"] = reencoded
         summary["artifact"] = self._write_artifact(record, adversarial, summary)
-        return summary, adversarial
+        return summary
 
     def _write_artifact(self, record: PromptRecord, adversarial, summary: dict) -> str:
         """Store what regenerating the post-attack image needs, without the attack code."""
@@ -445,11 +458,9 @@ class Runner:
         pre_results = self._judge_images(pre_images, chunk, "pre", folder)
         tokenized = self.model.tokenize([r.prompt for r in chunk])
 
-        attacks, adversarial_prompts = [], []
-        for record in chunk:
-            summary, adversarial = self._attack(attack, record)
-            attacks.append(summary)
-            adversarial_prompts.append(adversarial)
+        attacked = self._attack_all(attack, chunk)
+        attacks = [summary for summary, _ in attacked]
+        adversarial_prompts = [adversarial for _, adversarial in attacked]
 
         post_images = []
         for record, adversarial in zip(chunk, adversarial_prompts):
@@ -563,7 +574,8 @@ class Runner:
                 logger.info("resuming %s: %d of %d prompts already done", folder.path, len(done), len(resolved.records))
 
             attack = resolved.attack_class(resolved.attack_config)
-            batch = resolved.generation_config.batch_size
+            # A batched attack gets its whole batch in one chunk, and generation batches within that chunk.
+            batch = max(resolved.generation_config.batch_size, attack_batch_size(attack))
             progress = tqdm(total=len(resolved.records), initial=len(resolved.records) - len(pending),
                             desc="prompts", disable=not self.request.show_progress, unit="prompt")
             for start in range(0, len(pending), batch):
@@ -608,6 +620,13 @@ class Runner:
         if rows:
             pre_post_grid(rows, folder.path / GRID)
         return summary
+
+
+def attack_batch_size(attack) -> int:
+    """Return how many prompts the attack optimises together (1 for attacks without a batched mode)."""
+    if not hasattr(attack, "attack_batch"):
+        return 1
+    return int(getattr(attack.config, "batch_size", 1))
 
 
 def _file_id(prompt_id: str) -> str:

@@ -382,6 +382,27 @@ def _rescore(capsys, run_dir: Path, defense: str = "none") -> tuple[int, dict]:
     return code, json.loads(captured.out)
 
 
+def test_runner_batches_attack_like_sequential(tmp_path, capsys):
+    settings = ["attack.timesteps=2", "attack.steps_per_timestep=2", "attack.target_steps=2"]
+    sets = [option for setting in settings for option in ("--set", setting)]
+    runs = {}
+    for batch in (1, 3):
+        runs[batch] = _run(capsys, "--attack", "unlearndiffatk", "--set", "run.max_prompts=3", "--set",
+                           "run.utility=false", "--set", f"attack.batch_size={batch}", *sets,
+                           "--output", str(tmp_path / str(batch)))
+
+    def outcome(run_dir):
+        records = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
+        return [(r["prompt_id"], r["attack"]["token_ids"], r["attack"]["steps"], r["success"]) for r in records]
+
+    assert outcome(runs[3]) == outcome(runs[1])
+    for batch, run_dir in runs.items():
+        records = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
+        assert [r["attack"]["batch"] for r in records] == [batch] * 3
+    manifest = json.loads((runs[3] / "manifest.json").read_text())
+    assert manifest["plan"]["attack"]["config"]["batch_size"] == 3
+
+
 @pytest.mark.parametrize("attack, settings", [
     ("unlearndiffatk", ["attack.timesteps=2", "attack.steps_per_timestep=2", "attack.target_steps=2"]),
     ("cce", ["attack.num_train_images=1", "attack.image_steps=2", "attack.train_batch_size=1",
