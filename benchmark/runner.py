@@ -27,7 +27,9 @@ from benchmark.concepts import Concept, resolve_concept
 from benchmark.config import (
     ConfigError, bounds, build_config, config_to_dict, load_config_file, merge_layers, parse_set_option,
 )
-from benchmark.generation import GenerationConfig, Sampling, generate, to_uint8
+from benchmark.generation import (
+    GeneratedImage, GenerationConfig, Sampling, generate_images, image_settings, to_uint8,
+)
 from benchmark.images import pre_post_grid, save_png, validity
 from benchmark.metrics import attack_success_rates
 from benchmark.models.handle import ModelHandle
@@ -137,7 +139,7 @@ class ResolvedRun:
         plan = self.plan()
         plan["run"] = {key: value for key, value in plan["run"].items()
                        if key not in ("device", "grid_rows", "threads", "self_test")}
-        plan["generation"] = {key: value for key, value in plan["generation"].items() if key != "batch_size"}
+        plan["generation"] = image_settings(plan["generation"])
         return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
 
     def folder_name(self) -> str:
@@ -334,17 +336,20 @@ class Runner:
 
     # -- one side (pre or post) -----------------------------------------------------------
 
-    def _judge_images(self, images: list[np.ndarray], records: list[PromptRecord], side: str,
+    def _judge_images(self, images: list[GeneratedImage], records: list[PromptRecord], side: str,
                       folder: RunFolder) -> list[dict]:
         results = []
         valid_pixels, valid_index, valid_targets = [], [], []
-        for index, (image, record) in enumerate(zip(images, records)):
+        for index, (generated, record) in enumerate(zip(images, records)):
+            image = generated.pixels
             reason = validity(image)
             pixels = to_uint8(image)
             path = folder.images_dir / f"{_file_id(record.id)}_{side}.png"
             save_png(pixels, path)
             results.append({"valid": reason is None, "invalid_reason": reason, "success": None,
                             "image": str(path.relative_to(folder.path))})
+            if self.resolved.generation_config.precision != "fp32":
+                results[-1].update(precision=generated.precision, precision_fallback=generated.precision_fallback)
             if reason is None:
                 valid_pixels.append(pixels)
                 valid_index.append(index)
@@ -359,12 +364,17 @@ class Runner:
 
     def _generate(self, model: ModelHandle, records: list[PromptRecord], prompts=None, text_states=None,
                   stage: str = "generate") -> list[np.ndarray]:
+        images = self._generate_images(model, records, prompts=prompts, text_states=text_states, stage=stage)
+        return [image.pixels for image in images]
+
+    def _generate_images(self, model: ModelHandle, records: list[PromptRecord], prompts=None, text_states=None,
+                         stage: str = "generate") -> list[GeneratedImage]:
+        config = self.resolved.generation_config
         with self.timer.measure(stage):
-            return generate(
+            return generate_images(
                 model, [r.seed for r in records], self._guidance(records), self.sampling,
-                prompts=prompts, text_states=text_states,
-                batch_size=self.resolved.generation_config.batch_size,
-                batch_invariant=self.resolved.generation_config.batch_invariant,
+                prompts=prompts, text_states=text_states, batch_size=config.batch_size,
+                batch_invariant=config.batch_invariant, precision=config.precision, compile_unet=config.compile,
             )
 
     def _guidance(self, records: list[PromptRecord]) -> list[float]:
@@ -454,7 +464,7 @@ class Runner:
         return f"artifacts/{stem}.json"
 
     def _run_chunk(self, attack, chunk: list[PromptRecord], folder: RunFolder) -> None:
-        pre_images = self._generate(self.model, chunk, prompts=[r.prompt for r in chunk], stage="generate_pre")
+        pre_images = self._generate_images(self.model, chunk, prompts=[r.prompt for r in chunk], stage="generate_pre")
         pre_results = self._judge_images(pre_images, chunk, "pre", folder)
         tokenized = self.model.tokenize([r.prompt for r in chunk])
 
@@ -465,12 +475,12 @@ class Runner:
         post_images = []
         for record, adversarial in zip(chunk, adversarial_prompts):
             if adversarial.text_states is not None:
-                post_images += self._generate(self.model, [record], text_states=adversarial.text_states,
-                                              stage="generate_post")
+                post_images += self._generate_images(self.model, [record], text_states=adversarial.text_states,
+                                                     stage="generate_post")
         text_records = [r for r, a in zip(chunk, adversarial_prompts) if a.text_states is None]
-        text_images = iter(self._generate(self.model, text_records,
-                                          prompts=[a.text for a in adversarial_prompts if a.text_states is None],
-                                          stage="generate_post")) if text_records else iter(())
+        text_images = iter(self._generate_images(self.model, text_records,
+                                                 prompts=[a.text for a in adversarial_prompts if a.text_states is None],
+                                                 stage="generate_post")) if text_records else iter(())
         continuous_images = iter(post_images)
         ordered = [next(continuous_images) if a.text_states is not None else next(text_images)
                    for a in adversarial_prompts]
@@ -615,10 +625,8 @@ class Runner:
         )
         summary["seconds"] = {stage: round(value, 3) for stage, value in sorted(self.timer.seconds.items())}
 
-        rows = [(r["prompt_id"], folder.path / r["pre"]["image"], folder.path / r["post"]["image"])
-                for r in records[: resolved.run_config.grid_rows]]
-        if rows:
-            pre_post_grid(rows, folder.path / GRID)
+        if resolved.run_config.grid_rows:
+            pre_post_grid(records[: resolved.run_config.grid_rows], folder.path, folder.path / GRID)
         return summary
 
 
