@@ -11,6 +11,7 @@ dropped into ``benchmark/data/concepts/``::
     prompts: {file: ../prompts/world_circle.csv, sha256: 3f2a...}
     evaluator: {name: world-classifier, settings: {attribute: shape, target: circle}}
     retain: {file: ../prompts/world_retain.csv, sha256: 9b1c...}
+    fid_reference: {render: world_retain}   # or {folder: PATH}; see benchmark.fid_reference
     overrides: {attack/unlearndiffatk: {k: 3}}
 
 File paths are relative to the YAML file. ``sha256`` pins each prompt file, and a file that no
@@ -26,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from benchmark.fid_reference import FIDReference, parse_fid_reference
 from benchmark.paths import DATA_DIR
 from benchmark.prompts import PromptSet, load_prompt_set
 from benchmark.registry import CONCEPTS
@@ -57,6 +59,8 @@ class Concept:
     description: str = ""
     model: str | None = None
     retain: PromptFile | None = None
+    # The images that FID compares the retain prompts' generated images with.
+    fid_reference: FIDReference | None = None
     default_guidance: float = 7.5
     overrides: dict = field(default_factory=dict)
     source: str = ""
@@ -100,7 +104,7 @@ def load_concept_file(path: str | Path) -> Concept:
         raise ConceptError(f"{path}: a concept file is a mapping of keys, e.g. 'name: circle'")
 
     valid = {"name", "description", "kind", "erase_phrase", "model", "prompts", "evaluator", "retain",
-             "default_guidance", "overrides"}
+             "fid_reference", "default_guidance", "overrides"}
     unknown = sorted(set(data) - valid)
     if unknown:
         raise ConceptError(f"{path}: unknown keys {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}")
@@ -126,6 +130,7 @@ def load_concept_file(path: str | Path) -> Concept:
         description=str(data.get("description", "")),
         model=data.get("model"),
         retain=_prompt_file(data["retain"], base, "retain", path) if data.get("retain") else None,
+        fid_reference=parse_fid_reference(data["fid_reference"], base, path) if data.get("fid_reference") else None,
         default_guidance=float(data.get("default_guidance", 7.5)),
         overrides=dict(data.get("overrides") or {}),
         source=str(path),

