@@ -220,3 +220,15 @@ def test_fid_settings_come_from_section(tmp_path):
     invalid = Runner(resolve(RunRequest(concept=concept, sets=["evaluator/fid.min_imagez=7"])))
     with pytest.raises(ConfigError, match="min_imagez"):
         invalid._optional_metric("fid", lambda evaluator: {})
+    with pytest.raises(ConfigError, match="min_imagez"):
+        invalid.check_utility_settings()
+
+
+def test_invalid_fid_setting_fails_before_prompts(tmp_path):
+    from benchmark.config import ConfigError
+    from benchmark.runner import Runner, RunRequest, resolve
+
+    request = RunRequest(model="tiny-random", sets=["evaluator/fid.min_imagez=7"], output=tmp_path)
+    with pytest.raises(ConfigError, match="min_imagez"):
+        Runner(resolve(request)).run()
+    assert not any(tmp_path.iterdir())
