@@ -55,12 +55,14 @@ def _add_sweep_parser(commands) -> None:
                         help="comma-separated concept names or YAML files (default: the default world's circle)")
     parser.add_argument("--model", "--models", dest="model",
                         help="comma-separated models, as for run (default: each concept's model)")
+
     parser.add_argument("--model-config", help="diffusers config folder for a single-file --model")
     parser.add_argument("--prompts", help="prompt CSV to use instead of each concept's prompt set")
     parser.add_argument("--config", dest="config_file", help="YAML or TOML file with config sections")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value in every cell, e.g. --set run.max_prompts=10 (repeatable)")
     parser.add_argument("--output", type=Path, default=Path("runs"), help="results root folder (default: runs/)")
+
     parser.add_argument("--prompts-per-shard", type=int, default=10,
                         help="prompts per prompt-shard unit (default: 10)")
     parser.add_argument("--executor", choices=("local", "ray"), default="local",
@@ -68,6 +70,7 @@ def _add_sweep_parser(commands) -> None:
     parser.add_argument("--ray-address", help="address of a running Ray cluster, e.g. auto or 10.0.0.1:6379 "
                                               "(default: start a local cluster)")
     parser.add_argument("--ray-num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
+
     parser.add_argument("--shard", metavar="I/N",
                         help="run only slice I of N of the erasure and prompt units, e.g. 0/4 for a Slurm array "
                              "task; a final sweep without --shard merges the cells")

@@ -34,6 +34,10 @@ PROMPTS = "prompts"
 MERGE = "merge"
 NO_DEFENSE = "none"
 DEFAULT_PROMPTS_PER_SHARD = 10
+# Attacks that train one artifact per erased model and concept on their first prompt and cache
+# it on disk (CCE's textual-inversion embedding). The later prompt shards of such a cell wait
+# for its first shard, so the artifact is trained once instead of once per concurrent shard.
+ATTACKS_WITH_SHARED_TRAINING = frozenset({"cce"})
 
 
 class SweepError(ValueError):
@@ -60,10 +64,10 @@ class SweepSpec:
 class WorkUnit:
     """One schedulable piece of a sweep, self-contained so that any worker can run it.
 
-    ``request`` holds the cell's ``RunRequest`` fields, with paths as the user wrote them:
-    a worker resolves it in ``working_dir``, so relative paths and the run folder name match
+    ``request`` contains the cell's ``RunRequest`` fields, with paths as the user wrote them.
+    A worker resolves it in ``working_dir``, so relative paths and the run folder name match
     those of ``python -m benchmark run`` started there. ``run_key`` is the key of the cell
-    as planned; a worker that resolves a different key raises ``SweepError``.
+    as planned. A worker that resolves a different key raises ``SweepError``.
     """
 
     id: str
@@ -121,8 +125,8 @@ def cell_requests(spec: SweepSpec) -> list[RunRequest]:
 def erasure_identity(resolved: ResolvedRun) -> dict:
     """Return what the erased weights of a cell depend on, as far as it is known before loading the model.
 
-    The cache key of ``benchmark/erasure.py`` also hashes the base weights; two cells with the
-    same identity load the same base model and so share one cache entry.
+    The cache key of ``benchmark/erasure.py`` also hashes the base weights. Two cells with the
+    same identity load the same base model, so they share one cache entry.
     """
     concept = resolved.concept
     plan = resolved.plan()
@@ -172,23 +176,34 @@ def plan_sweep(spec: SweepSpec, working_dir: str | Path | None = None) -> list[W
         depends_on: tuple[str, ...] = ()
         digest = erasure_digest(resolved)
         if digest is not None:
-            unit_id = f"{ERASURE}/{resolved.concept.name}/{resolved.defense_class.name}/{Path(resolved.model_name).name}/{digest[:8]}"
+            model = Path(resolved.model_name).name
+            unit_id = f"{ERASURE}/{resolved.concept.name}/{resolved.defense_class.name}/{model}/{digest[:8]}"
             erasures.setdefault(digest, WorkUnit(id=unit_id, kind=ERASURE, erasure=digest, **common))
             depends_on = (erasures[digest].id,)
 
-        cell_prompt_ids = []
-        records = resolved.records
-        for start in range(0, len(records), spec.prompts_per_shard):
-            stop = min(start + spec.prompts_per_shard, len(records))
-            unit = WorkUnit(id=f"{PROMPTS}/{folder_name}/{start}-{stop}", kind=PROMPTS, depends_on=depends_on,
-                            start=start, stop=stop, prompt_ids=tuple(record.id for record in records[start:stop]),
-                            **common)
-            prompt_units.append(unit)
-            cell_prompt_ids.append(unit.id)
-        merges.append(WorkUnit(id=f"{MERGE}/{folder_name}", kind=MERGE, depends_on=tuple(cell_prompt_ids), **common))
+        cell_units = _prompt_units(resolved, spec.prompts_per_shard, depends_on, common)
+        prompt_units += cell_units
+        merges.append(WorkUnit(id=f"{MERGE}/{folder_name}", kind=MERGE,
+                               depends_on=tuple(unit.id for unit in cell_units), **common))
 
     units = list(erasures.values()) + prompt_units + merges
     _check_unique(units)
+    return units
+
+
+def _prompt_units(resolved: ResolvedRun, per_shard: int, depends_on: tuple[str, ...], common: dict) -> list[WorkUnit]:
+    """Split a cell's prompts into units of ``per_shard`` consecutive prompts."""
+    records = resolved.records
+    folder_name = resolved.folder_name()
+    units: list[WorkUnit] = []
+    for start in range(0, len(records), per_shard):
+        stop = min(start + per_shard, len(records))
+        waits_for = depends_on
+        if units and resolved.attack_class.name in ATTACKS_WITH_SHARED_TRAINING:
+            waits_for = depends_on + (units[0].id,)
+        units.append(WorkUnit(id=f"{PROMPTS}/{folder_name}/{start}-{stop}", kind=PROMPTS, depends_on=waits_for,
+                              start=start, stop=stop, prompt_ids=tuple(record.id for record in records[start:stop]),
+                              **common))
     return units
 
 
@@ -211,7 +226,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     match = _SHARD_PATTERN.match(text)
     if match is None:
         raise SweepError(f"invalid --shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/4 "
-                         "(for a Slurm array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+                         "(in a Slurm array of N tasks: --shard $SLURM_ARRAY_TASK_ID/N)")
     index, count = int(match.group(1)), int(match.group(2))
     if count < 1 or index >= count:
         raise SweepError(f"invalid --shard {text!r}: the index must be in 0..n-1 and n at least 1, e.g. 0/4")

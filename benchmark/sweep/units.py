@@ -3,25 +3,25 @@
 A run folder (``benchmark/results.py``) is locked by one process at a time, so the prompt
 shards of a cell do not append to the cell's ``records.jsonl`` directly. Each prompt shard
 is a run folder of its own, ``<cell>/shards/<start>-<stop>/``, with its own lock and the
-cell's run key. It writes records, images and attack artifacts exactly as ``run`` does: each
-record is one fsync'ed append after its images are on disk, and image and artifact paths in
-the records are relative to the folder, so they read the same in the shard and in the cell.
+cell's run key. It writes records, images and attack artifacts exactly as ``run`` does. Each
+record is one fsync'ed append after its images are on disk. Image and artifact paths in the
+records are relative to the folder, so they read the same in the shard and in the cell.
 
 The merge unit takes the cell's lock and the lock of every shard folder, moves the shards'
 images and artifacts into the cell folder, and appends the records the cell lacks in prompt
 order. It then runs ``Runner.run`` on the cell, which finds every prompt done and writes the
-manifest, the summary (utility included) and the grid, and finally deletes ``shards/``. The
-cell folder then holds what ``python -m benchmark run`` of that cell writes.
+manifest, the summary (utility included) and the grid. Last, the merge deletes ``shards/``.
+The cell folder then contains what ``python -m benchmark run`` of that cell writes.
 
 Every step can be killed and repeated:
 
-- a prompt shard skips prompts recorded in the cell or in any shard folder of the cell, and
-  reopening its folder cuts a torn last line, as a resumed ``run`` does;
-- the merge appends only prompts missing from the cell's records and moves files with
-  ``os.replace``, so a repeated merge neither duplicates nor loses a record;
-- the erased weights of an erasure identity are trained under a file lock in
-  ``<output>/.sweep/erasures/``, so concurrent units (the tasks of a Slurm array, say) train
-  them once, and the others wait and then load them from the erasure cache.
+- A prompt shard skips prompts recorded in the cell or in any shard folder of the cell.
+  Reopening its folder cuts a torn last line, as a resumed ``run`` does.
+- The merge appends only prompts missing from the cell's records and moves files with
+  ``os.replace``, so a repeated merge neither duplicates nor loses a record.
+- The erased weights of an erasure identity are trained under a file lock in
+  ``<output>/.sweep/erasures/``. Of several concurrent units, such as the tasks of a Slurm
+  array, one trains them, and the others wait and then load them from the erasure cache.
 """
 
 from __future__ import annotations
@@ -58,13 +58,13 @@ def erasure_state_dir(output: Path) -> Path:
 
 @contextlib.contextmanager
 def erasure_lock(state_dir: Path, digest: str):
-    """Hold an exclusive file lock for one erasure identity; wait while another process holds it."""
+    """Hold an exclusive file lock for one erasure identity, waiting while another process holds it."""
     state_dir.mkdir(parents=True, exist_ok=True)
     with open(state_dir / f"{digest}.lock", "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            logger.info("waiting for another process to finish the erasure %s", digest)
+            logger.info("erasure %s is locked by another process; waiting for the lock", digest)
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -92,7 +92,7 @@ class SweepRunner(Runner):
 
 
 def execute_unit(unit: WorkUnit, show_progress: bool = True) -> dict:
-    """Run one work unit in its working directory; return its id, status and wall seconds.
+    """Run one work unit in its working directory, and return its id, status and wall seconds.
 
     The status is ``computed`` when the unit did work, and ``done`` when its results were
     already on disk.
@@ -140,7 +140,7 @@ def run_erasure(unit: WorkUnit, resolved: ResolvedRun) -> str:
 
 
 def _erasure_finished(marker: Path) -> bool:
-    """Whether an earlier erasure unit left its marker and the cached weights it names still exist."""
+    """Check that an earlier erasure unit left its marker and that the cached weights it names exist."""
     if not marker.exists():
         return False
     cache = json.loads(marker.read_text())["erased_weights_cache"]
@@ -222,7 +222,7 @@ def run_merge(unit: WorkUnit, resolved: ResolvedRun) -> str:
 
 
 def _merge_finished(cell: Path, resolved: ResolvedRun) -> bool:
-    """Whether the cell has its summary, every record and no shard folder left to merge."""
+    """Check that the cell has its summary and every record, and no shard folder is left to merge."""
     if not (cell / SUMMARY).exists() or (cell / SHARDS_DIR).exists():
         return False
     done = {record["prompt_id"] for record in read_records(cell / RECORDS)}
