@@ -679,6 +679,36 @@ def test_world_circle_is_erased(defense, world_base_rates, tmp_path):
     assert retained_share >= 0.70, report
 
 
+ROBUSTNESS_PROMPTS = 20
+
+
+def unlearndiffatk_summary(defense, output, settings=None):
+    """Run UnlearnDiffAtk against ``defense`` (world budgets, then ``settings``) on the first prompts."""
+    from benchmark.runner import RunRequest, run
+
+    sets = ["run.threads=1", "run.utility=false", f"run.max_prompts={ROBUSTNESS_PROMPTS}"]
+    sets += [f"defense/{defense}.{key}={value}" for key, value in (settings or {}).items()]
+    folder = run(RunRequest(defense=defense, attack="unlearndiffatk", concept="circle", output=output,
+                            config_file=str(BUDGETS_FILE), sets=sets, show_progress=False))
+    return json.loads((folder / "summary.json").read_text())
+
+
+@NEEDS_WORLD
+@pytest.mark.slow
+def test_advunlearn_resists_unlearndiffatk_better_than_esd(tmp_path):
+    from benchmark.selftest import vulnerable_defense
+
+    # The ESD that UnlearnDiffAtk breaks on the world; at the world's own ESD budgets the attack gains nothing.
+    esd, esd_settings = vulnerable_defense("world", "unlearndiffatk")
+    esd_summary = unlearndiffatk_summary(esd, tmp_path / "esd", esd_settings)
+    robust_summary = unlearndiffatk_summary("advunlearn", tmp_path / "advunlearn")
+    report = (f"{esd}: pre-attack ASR {esd_summary['pre_attack_asr']:.2f}, ASR {esd_summary['asr']:.2f}; "
+              f"advunlearn: pre-attack ASR {robust_summary['pre_attack_asr']:.2f}, ASR {robust_summary['asr']:.2f}")
+
+    assert esd_summary["asr"] >= esd_summary["pre_attack_asr"] + 0.2, f"the attack did not land on ESD: {report}"
+    assert robust_summary["asr"] <= esd_summary["asr"] / 2, report
+
+
 # ----------------------------------------------------------------------------------------
 # (c) One step on the full-size SD v1.4 architecture
 
