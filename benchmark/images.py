@@ -37,6 +37,7 @@ def save_png(pixels: np.ndarray, path: Path) -> None:
 
 # Frame colours of the grid: concept detected, concept absent, invalid image.
 DETECTED, ABSENT, INVALID = (200, 30, 30), (40, 150, 60), (150, 150, 150)
+ATTACK_TEXT = (30, 60, 170)
 
 
 def _frame_colour(side: dict) -> tuple[int, int, int]:
@@ -74,7 +75,9 @@ def pre_post_grid(records: list[dict], folder: Path, path: Path, cell: int = 96,
         lines = [(line, "black") for line in _wrap(f"{record['prompt_id']}: {record['prompt']}", characters, 4)]
         adversarial = record.get("attack", {}).get("text")
         if adversarial and adversarial != record["prompt"]:
-            lines += [(line, DETECTED) for line in _wrap(f"attack: {adversarial}", characters, 3)]
+            lines += [(line, ATTACK_TEXT) for line in _wrap(f"attack: {adversarial}", characters, 3)]
+        elif adversarial:
+            lines.append(("attack: the prompt itself", INVALID))
         for number, (line, colour) in enumerate(lines):
             draw.text((4, top + 2 + 12 * number), line, fill=colour)
 
