@@ -74,6 +74,9 @@ def project_to_simplex(rows: torch.Tensor, tolerance: float = 1e-5) -> torch.Ten
     low = (flat.min(-1).values - 1).double()
     high = flat.max(-1).values.double()
     shift = torch.zeros_like(low)
+    # The excess at each bound is carried along when the bound moves to the middle, so each
+    # iteration evaluates one vocabulary-wide sum per row instead of three.
+    excess_low, excess_high = _excess(flat, low), _excess(flat, high)
 
     while True:
         active = ~done & ((high - low) > tolerance)
@@ -85,14 +88,15 @@ def project_to_simplex(rows: torch.Tensor, tolerance: float = 1e-5) -> torch.Ten
 
         # Exact roots end a row's search early, as in the reference.
         at_middle = active & (excess == 0)
-        at_low = active & ~at_middle & (_excess(flat, low) + 1e-8 == 0)
-        at_high = active & ~at_middle & ~at_low & (_excess(flat, high) == 0)
+        at_low = active & ~at_middle & (excess_low + 1e-8 == 0)
+        at_high = active & ~at_middle & ~at_low & (excess_high == 0)
         shift = torch.where(at_low, low, torch.where(at_high, high, shift))
         done = done | at_middle | at_low | at_high
 
         searching = active & ~(at_middle | at_low | at_high)
-        low = torch.where(searching & (excess > 0), middle, low)
-        high = torch.where(searching & (excess < 0), middle, high)
+        raise_low, lower_high = searching & (excess > 0), searching & (excess < 0)
+        low, excess_low = torch.where(raise_low, middle, low), torch.where(raise_low, excess, excess_low)
+        high, excess_high = torch.where(lower_high, middle, high), torch.where(lower_high, excess, excess_high)
 
     # Rows that needed no search keep shift 0, so they are only clipped.
     projected = (flat - shift.to(flat.dtype).unsqueeze(-1)).clamp(0, 1)
@@ -150,21 +154,34 @@ def one_hot_embeddings(one_hot: torch.Tensor, table: torch.Tensor) -> torch.Tens
 # Vocabulary projection (P4D)
 
 
-def nearest_tokens(embeddings: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Return the id of the vocabulary row with the highest cosine similarity to each embedding."""
+def unit_rows(table: torch.Tensor) -> torch.Tensor:
+    """Return the vocabulary table with each row scaled to unit length (float32), the keys of ``nearest_tokens``."""
+    with torch.no_grad():
+        return F.normalize(table.float(), dim=-1)
+
+
+def nearest_tokens(embeddings: torch.Tensor, table: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Return the id of the vocabulary row with the highest cosine similarity to each embedding.
+
+    ``keys`` is ``unit_rows(table)``. A loop that searches the same table every iteration passes
+    it, so that the table is normalised once; the ids are the same either way.
+    """
     with torch.no_grad():
         queries = F.normalize(embeddings.float(), dim=-1)
-        keys = F.normalize(table.float(), dim=-1)
+        if keys is None:
+            keys = unit_rows(table)
         return (queries @ keys.T).argmax(-1)
 
 
-def straight_through_projection(soft: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def straight_through_projection(soft: torch.Tensor, table: torch.Tensor,
+                                keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace soft embeddings by their nearest vocabulary rows in the forward pass only.
 
     Returns (ids, embeddings): the embeddings equal ``table[ids]``, and their gradient flows
-    unchanged to ``soft``, as in PEZ-style hard-prompt optimisation.
+    unchanged to ``soft``, as in PEZ-style hard-prompt optimisation. ``keys`` is as in
+    ``nearest_tokens``.
     """
-    ids = nearest_tokens(soft, table)
+    ids = nearest_tokens(soft, table, keys)
     hard = table[ids].to(soft.dtype)
     return ids, soft + (hard - soft).detach()
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from attacks._common import (
     draw_noise, draw_timestep, encode_pixels, noisy_latents, padded_ids, render_images,
-    straight_through_projection,
+    straight_through_projection, unit_rows,
 )
 from benchmark.config import bounds
 from benchmark.generation import SAMPLERS
@@ -133,12 +133,14 @@ class _P4D(Attack):
         soft = table[init_ids.to(table.device)].clone().float().requires_grad_(True)
         optimizer = torch.optim.AdamW([soft], lr=config.lr, weight_decay=config.weight_decay)
         scheduler = erased.noise_scheduler()
+        # The table is frozen, so its unit rows are computed once instead of every iteration.
+        keys = unit_rows(table)
 
         best = {"key": None, "ids": None, "text": "", "success": None, "iteration": -1}
         evaluations = []
         progress = tqdm(range(config.iterations), desc=self.name, disable=not context.show_progress, leave=False)
         for iteration in progress:
-            learned_ids, hard = straight_through_projection(soft, table)
+            learned_ids, hard = straight_through_projection(soft, table, keys)
             text_states = self._encode(encoder_model, self._sequence(layout, hard, table))
 
             noise = draw_noise(tuple(target_latents.shape), context.generator, erased.device)

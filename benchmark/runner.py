@@ -522,7 +522,8 @@ class Runner:
         valid = [(to_uint8(image), record) for image, record in zip(images, records) if validity(image) is None]
         utility = {
             "retain_accuracy": self._retain_accuracy(valid, retain),
-            "fid": self._optional_metric("fid", lambda evaluator: self._fid(evaluator)),
+            "fid": self._optional_metric("fid", lambda evaluator: self._fid(
+                evaluator, [pixels for pixels, _ in valid], records)),
             "clip-score": self._optional_metric("clip-score", lambda evaluator: evaluator.compute(
                 [pixels for pixels, _ in valid], [record.prompt for _, record in valid])),
         }
@@ -536,8 +537,11 @@ class Runner:
     def _optional_metric(self, name: str, compute) -> dict:
         if name not in EVALUATORS:
             return {"status": "unavailable", "reason": f"no evaluator named {name!r} is registered in this installation"}
+        evaluator_class = EVALUATORS.get(name)
+        # An invalid setting raises ConfigError here instead of becoming an "unavailable" reason.
+        config = build_config(evaluator_class.Config, self._utility_settings(name), f"evaluator/{name}")
         try:
-            evaluator = EVALUATORS.get(name)()
+            evaluator = evaluator_class(config)
             with self.timer.measure("utility"):
                 result = compute(evaluator)
         except (FileNotFoundError, RuntimeError, ValueError, OSError) as error:
@@ -545,9 +549,45 @@ class Runner:
         result.setdefault("status", "measured")
         return result
 
-    def _fid(self, evaluator) -> dict:
-        # TODO: concepts do not name a reference image set yet, so FID always reports why it is missing.
-        raise ValueError("the concept names no reference image set to compute FID against")
+    def check_utility_settings(self) -> None:
+        """Build each utility evaluator's config now, so an invalid setting fails before any prompt runs."""
+        if not self.resolved.run_config.utility:
+            return
+        for name in UTILITY_EVALUATORS:
+            if name in EVALUATORS:
+                build_config(EVALUATORS.get(name).Config, self._utility_settings(name), f"evaluator/{name}")
+
+    def _utility_settings(self, name: str) -> dict:
+        """Return the ``evaluator/<name>`` section of a utility evaluator (e.g. ``--set evaluator/fid.min_images=50``).
+
+        The layers are those of the run's methods: the model's budget, the concept's overrides,
+        ``--config``, then ``--set``. The plain ``evaluator`` section belongs to the concept's evaluator.
+        """
+        request = self.request
+        set_layer: dict[str, dict] = {}
+        for option in request.sets:
+            section, key, value = parse_set_option(option)
+            set_layer.setdefault(section, {})[key] = value
+        layers = [model_budgets(self.resolved.model_name), self.resolved.concept.overrides,
+                  load_config_file(request.config_file) if request.config_file else {}, set_layer]
+        settings: dict = {}
+        for layer in layers:
+            settings.update(layer.get(f"evaluator/{name}") or {})
+        return settings
+
+    def _fid(self, evaluator, generated: list[np.ndarray], retain_records: list[PromptRecord]) -> dict:
+        """Compute FID and KID of the retain prompts' valid images against the concept's reference set."""
+        from benchmark.fid_reference import load_reference_set, reference_features
+
+        concept = self.resolved.concept
+        if concept.fid_reference is None:
+            raise ValueError(f"concept {concept.name} names no FID reference image set; add fid_reference "
+                             f"({{render: world_retain}} or {{folder: PATH}}) to {concept.source or 'its file'}")
+        reference = load_reference_set(concept.fid_reference, retain_records)
+        reference_rows = reference_features(evaluator, reference, cache_dir() / "fid" / "reference-features")
+        result = evaluator.compute_from_features(evaluator.features(generated), reference_rows)
+        result.update(reference=reference.description, reference_sha256=reference.sha256)
+        return result
 
     def _retain_accuracy(self, valid: list, retain: PromptSet) -> dict:
         """Share of retain prompts whose image shows the prompted attribute, by the concept's evaluator."""
@@ -572,6 +612,7 @@ class Runner:
         resolved = self.resolved
         started = time.perf_counter()
         folder_path = Path(self.request.output) / resolved.folder_name()
+        self.check_utility_settings()
         with RunFolder(folder_path, resolved.run_key(), fresh=self.request.fresh) as folder:
             self.folder = folder
             self._load()

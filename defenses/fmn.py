@@ -131,29 +131,35 @@ class AttentionProbabilityCapture:
 
 
 class CrossAttentionCapture:
-    """Context manager that records every cross-attention (attn2) map of a UNet at the given positions."""
+    """Context manager that records every cross-attention (attn2) map of a UNet at the given positions.
+
+    The cross-attention modules are found once, when the capture is built. Entering swaps in
+    the recording processor and clears ``maps``; leaving restores the previous processors. A
+    capture can be entered again, so a training loop builds it once and enters it every step.
+    """
 
     def __init__(self, unet, positions: torch.Tensor) -> None:
         self.unet = unet
         self.positions = positions
         self.maps: list[torch.Tensor] = []
-        self._saved = None
+        names = [name.removesuffix(".processor") for name in unet.attn_processors if ".attn2." in name]
+        if not names:
+            raise ValueError("the UNet has no cross-attention (attn2) layers to re-steer")
+        modules = dict(unet.named_modules())
+        self._attention = [modules[name] for name in names]
+        self._saved: list = []
 
     def __enter__(self) -> "CrossAttentionCapture":
-        self._saved = dict(self.unet.attn_processors)
-        processors = {}
-        for name, processor in self._saved.items():
-            if ".attn2." in name:
-                processors[name] = AttentionProbabilityCapture(self.positions, self.maps)
-            else:
-                processors[name] = processor
-        if not any(".attn2." in name for name in processors):
-            raise ValueError("the UNet has no cross-attention (attn2) layers to re-steer")
-        self.unet.set_attn_processor(processors)
+        self.maps.clear()
+        self._saved = [module.processor for module in self._attention]
+        recorder = AttentionProbabilityCapture(self.positions, self.maps)
+        for module in self._attention:
+            module.set_processor(recorder)
         return self
 
     def __exit__(self, *exc) -> None:
-        self.unet.set_attn_processor(self._saved)
+        for module, processor in zip(self._attention, self._saved):
+            module.set_processor(processor)
 
 
 def attention_resteering_loss(maps: list[torch.Tensor]) -> torch.Tensor:
@@ -262,6 +268,7 @@ class ForgetMeNot(Defense):
         optimizer = torch.optim.AdamW(parameters.values(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
                                       weight_decay=config.weight_decay)
         scheduler = model.noise_scheduler()
+        capture = CrossAttentionCapture(model.unet, positions)
 
         def train_step(step: int, generator: torch.Generator) -> float:
             (index,) = epoch_batch(len(latents), 1, step, context.seed, "fmn-images")
@@ -270,7 +277,7 @@ class ForgetMeNot(Defense):
             timestep = torch.randint(scheduler.config.num_train_timesteps, (1,), generator=generator)
             noisy = scheduler.add_noise(clean, noise, timestep.to(clean.device))
 
-            with CrossAttentionCapture(model.unet, positions) as capture:
+            with capture:
                 model.predict_noise(noisy, timestep.to(clean.device), text_states)
             loss = attention_resteering_loss(capture.maps)
 

@@ -1,0 +1,102 @@
+"""benchmarks/run_benchmarks.py in its smallest mode on the tiny random model.
+
+The smoke mode runs every measurement once in this process. Its numbers mean nothing, so the
+test checks the rows and the page, never a timing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "run_benchmarks.py"
+MEASURED_EVERYWHERE = {"attack", "defense", "generation"}
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("run_benchmarks", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    # Dataclasses look their module up in sys.modules while the class body runs.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@pytest.fixture(scope="module")
+def report(script, tmp_path_factory):
+    output = tmp_path_factory.mktemp("benchmarks")
+    code = script.main(["--smoke", "--model", "tiny-random", "--output-dir", str(output)])
+    return code, output
+
+
+def test_smoke_run_exits_cleanly(report):
+    code, _ = report
+    assert code == 0
+
+
+def test_json_has_every_row(script, report):
+    _, output = report
+    rows = json.loads((output / "benchmarks.json").read_text())["rows"]
+    names = {(row["kind"], row["name"]) for row in rows}
+
+    expected = {("attack", name) for name in script.ATTACKS}
+    expected |= {("defense", name) for name in script.DEFENSES}
+    expected |= {("generation", name) for name in script.GENERATION_VARIANTS}
+    expected |= {("evaluator", name) for name in script.EVALUATORS}
+    expected |= {("run", "advunlearn x unlearndiffatk")}
+    assert names == expected
+    assert len(rows) == len(expected)
+
+
+def test_method_and_generation_rows_are_measured(report):
+    _, output = report
+    rows = json.loads((output / "benchmarks.json").read_text())["rows"]
+    for row in rows:
+        if row["kind"] in MEASURED_EVERYWHERE:
+            assert row["status"] == "measured", row
+            assert row["model"] == "tiny-random"
+            for key in ("seconds", "baseline_seconds", "ratio", "peak_rss_mib"):
+                assert row[key] > 0, (row["name"], key)
+            assert isinstance(row["passed"], bool)
+
+
+def test_step_rows_count_unet_passes(report):
+    _, output = report
+    rows = json.loads((output / "benchmarks.json").read_text())["rows"]
+    for row in rows:
+        if row["kind"] in ("attack", "defense"):
+            assert "fwd+bwd" in row["details"]["unet_passes_per_step"], row["name"]
+
+
+def test_shipped_evaluators_are_measured(report):
+    _, output = report
+    rows = {row["name"]: row for row in json.loads((output / "benchmarks.json").read_text())["rows"]}
+    assert rows["world-classifier"]["status"] == "measured"
+    assert rows["nudenet"]["status"] == "measured"
+    for name in ("clip-score", "fid", "style-classifier", "object-classifier"):
+        assert rows[name]["status"] in ("measured", "skipped"), name
+        if rows[name]["status"] == "skipped":
+            assert rows[name]["reason"], name
+
+
+def test_whole_run_skipped_outside_full_mode(report):
+    _, output = report
+    rows = json.loads((output / "benchmarks.json").read_text())["rows"]
+    (run,) = [row for row in rows if row["kind"] == "run"]
+    assert run["status"] == "skipped"
+    assert run["reason"] == "measured in full mode only"
+
+
+def test_page_lists_machine_and_table(report):
+    _, output = report
+    page = (output / "benchmarks.md").read_text()
+    assert page.startswith("# Benchmarks")
+    assert "one torch thread" in page
+    assert "| model | measurement | measured | baseline | ratio | target | result | peak RSS |" in page
+    assert "tiny-random" in page
