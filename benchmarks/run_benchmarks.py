@@ -7,7 +7,11 @@ Every row compares a piece of this suite with the bare model work it cannot avoi
   shapes and with the same parameters requiring gradients); target: step <= 1.1 x those passes;
 - ``benchmark.generation.generate`` against bare UNet and VAE-decoder calls for the same
   sampler steps (images/s); target: >= 0.9 x bare throughput;
-- each evaluator plug-in against its raw model call (images/s); target: >= 0.9 x raw;
+- each evaluator plug-in against its raw model call (images/s); target: >= 0.9 x raw. Where the
+  real weights of clip-score, object-classifier or style-classifier are missing, random weights of
+  the same architecture stand in, and the row is marked random weights;
+- UnlearnDiffAtk's ``attack_batch`` of 8 prompts at batch_size 8 against 8 ``attack()`` calls
+  (prompts/s); target: >= 1.5 x sequential;
 - in full mode, a whole ``python -m benchmark run --defense advunlearn --attack unlearndiffatk``
   (wall and CPU seconds); target: under 10 minutes.
 
@@ -20,6 +24,8 @@ belongs to it alone. Torch runs on one CPU thread everywhere.
 
 The table goes to stdout; ``docs/benchmarks.md`` and ``docs/benchmarks.json`` are written
 unless ``--output-dir`` names another folder.
+With ``--only``, the rows measured replace those of the same name in an existing
+``benchmarks.json`` of the same mode, and the other rows stay.
 """
 
 from __future__ import annotations
@@ -87,7 +93,7 @@ class Repeats:
 
 
 MODES = {
-    "smoke": Repeats(floor_warmup=1, floor_repeats=1, timed_steps=1, short_run=1, long_run=2, run_repeats=1,
+    "smoke": Repeats(floor_warmup=1, floor_repeats=1, timed_steps=1, short_run=1, long_run=6, run_repeats=1,
                      generation_prompts=2, generation_steps=2, generation_repeats=1, evaluator_images=2,
                      evaluator_repeats=1),
     "quick": Repeats(floor_warmup=2, floor_repeats=5, timed_steps=8, short_run=2, long_run=8, run_repeats=3,
@@ -497,6 +503,102 @@ def measure_unlearndiffatk(model, model_name: str, repeats: Repeats) -> dict:
     return step_row("unlearndiffatk", "attack", times, sampler, how, [f"k = {state.k} adversarial tokens"])
 
 
+BATCHED_ATTACKS = ("unlearndiffatk",)
+ATTACK_BATCH = 8
+BATCH_TARGET = 1.5
+
+
+def measure_batched_unlearndiffatk(model, model_name: str, repeats: Repeats) -> dict:
+    """Time ``attack_batch`` of 8 prompts at batch_size 8 against 8 ``attack()`` calls, per prompt.
+
+    Both run the same settings: one timestep block of ``timed_steps`` steps (at least 2), a
+    one-step target image, and the stub judge, which never succeeds, so no prompt stops early.
+    The UNet and text-encoder passes each path makes are counted and timed alone afterwards, to
+    show how much of the gain the batched passes themselves allow.
+    """
+    concept = concept_for(model_name)
+    records = concept.load_prompts().records[:ATTACK_BATCH]
+    steps = max(2, repeats.timed_steps)
+    overrides = {"timesteps": 1, "steps_per_timestep": steps, "target_steps": 1}
+    _, single_config = method_config("attack", "unlearndiffatk", overrides)
+    attack_class, batch_config = method_config("attack", "unlearndiffatk", {**overrides, "batch_size": ATTACK_BATCH})
+
+    def contexts():
+        made = []
+        for index, record in enumerate(records):
+            context = attack_context(model, concept, generator_seed=7 + index)
+            context.record = record
+            made.append(context)
+        return made
+
+    def batched() -> None:
+        attack_class(batch_config).attack_batch(contexts())
+
+    def sequential() -> None:
+        attack = attack_class(single_config)
+        for context in contexts():
+            attack.attack(context)
+
+    batched_seconds, sequential_seconds = alternating_medians(batched, sequential, repeats.run_repeats)
+
+    # Which passes each path makes, and what those passes cost alone.
+    recorder = PassRecorder(model)
+    passes = {}
+    try:
+        for label, function in (("batched", batched), ("sequential", sequential)):
+            recorder.reset()
+            function()
+            passes[label] = recorder.total()
+    finally:
+        recorder.close()
+    sampler = FloorSampler(model, attack_gradients(), repeats.floor_warmup, repeats.floor_repeats)
+    floors = {label: sampler.step_floor(counter) for label, counter in passes.items()}
+
+    count = len(records)
+    ratio = sequential_seconds / batched_seconds
+    floor_ratio = {module: floors["sequential"][module] / floors["batched"][module]
+                   for module in ("unet", "text_encoder") if floors["batched"][module] > 0}
+    step_kinds = {label: [kind for kind in counter if kind.module == "unet" and kind.backward]
+                  for label, counter in passes.items()}
+    notes = []
+    passed = ratio >= BATCH_TARGET
+    if not passed:
+        unet_gain = floor_ratio.get("unet", 0.0)
+        notes.append(f"target missed: the timed UNet passes alone run only {unet_gain:.2f}x faster at batch "
+                     f"{ATTACK_BATCH} than one prompt at a time ("
+                     f"{format_seconds(floors['batched']['unet'])} against "
+                     f"{format_seconds(floors['sequential']['unet'])} per run of {count} prompts), so one CPU "
+                     "thread gains little from batching")
+    return {
+        "kind": "batched-attack",
+        "name": "unlearndiffatk",
+        "status": "measured",
+        "seconds": batched_seconds / count,
+        "baseline_seconds": sequential_seconds / count,
+        "baseline": f"{count} sequential attack() calls",
+        "prompts_per_second": count / batched_seconds,
+        "baseline_prompts_per_second": count / sequential_seconds,
+        "ratio": ratio,
+        "target": f">= {BATCH_TARGET}",
+        "passed": passed,
+        "details": {
+            "how": (f"attack_batch() of {count} prompts with batch_size {ATTACK_BATCH} against {count} attack() "
+                    f"calls. Both run {steps} steps at one timestep, a 1-step target image and a judge that never "
+                    f"succeeds. Medians of {repeats.run_repeats} alternating runs after one untimed run each"),
+            "batched_seconds": batched_seconds,
+            "sequential_seconds": sequential_seconds,
+            "unet_passes": {label: describe_passes(mean_passes([counter]), "unet")
+                            for label, counter in passes.items()},
+            "text_encoder_passes": {label: describe_passes(mean_passes([counter]), "text_encoder")
+                                    for label, counter in passes.items()},
+            "pass_floor_seconds": floors,
+            "pass_floor_ratio": floor_ratio,
+            "step_batch_sizes": {label: sorted({kind.batch for kind in kinds}) for label, kinds in step_kinds.items()},
+            "notes": notes,
+        },
+    }
+
+
 def differential_step(run: Callable[[int], None], model, setup: GradientSetup,
                       repeats: Repeats) -> tuple[StepTimes, FloorSampler, dict]:
     """Time a method run with two iteration counts, whose difference divided gives one iteration.
@@ -530,6 +632,10 @@ def differential_step(run: Callable[[int], None], model, setup: GradientSetup,
         recorder.close()
 
     seconds = (statistics.median(timings[long]) - statistics.median(timings[short])) / (long - short)
+    if seconds <= 0:
+        raise RuntimeError(f"the {long}-iteration runs (median {statistics.median(timings[long]):.4f} s) were not "
+                           f"slower than the {short}-iteration runs ({statistics.median(timings[short]):.4f} s): "
+                           "background load hid the difference; rerun this row with --only")
     times = StepTimes()
     times.add(seconds, per_iteration, {module: statistics.median(floor[module] for floor in floors)
                                         for module in ("unet", "text_encoder")})
@@ -790,26 +896,87 @@ def measure_nudenet(repeats: Repeats) -> dict:
                           {"detector": str(evaluator.model_path)})
 
 
-def construct_evaluator(name: str):
+def construct_evaluator(name: str, **overrides):
     """Build an evaluator with its default settings, raising FileNotFoundError when its weights are missing."""
     from benchmark.registry import EVALUATORS
 
     evaluator_class = EVALUATORS.get(name)
-    config = evaluator_class.Config(class_id=497) if name == "object-classifier" else evaluator_class.Config()
-    return evaluator_class(config)
+    if name == "object-classifier":
+        overrides = {"class_id": 497, **overrides}
+    return evaluator_class(evaluator_class.Config(**overrides))
+
+
+# Evaluators that can run on random weights of their architecture when the real weights are missing.
+RANDOM_WEIGHT_EVALUATORS = ("clip-score", "object-classifier", "style-classifier")
+
+
+def save_random_weights(name: str, folder: Path) -> dict:
+    """Save a random-weight model of the evaluator's architecture under ``folder``; return its config overrides.
+
+    Throughput does not depend on the weight values, so these stand in for weights that are not
+    on this machine. Each is written in the format the evaluator reads from a local path.
+    """
+    torch.manual_seed(0)
+    if name == "clip-score":
+        import open_clip
+        from safetensors.torch import save_file
+
+        model = open_clip.create_model("ViT-B-32", force_quick_gelu=True)
+        path = folder / "open_clip_model.safetensors"
+        save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(path))
+        return {"weights": str(path)}
+    if name == "object-classifier":
+        # microsoft/resnet-50: transformers' ResNetConfig defaults are ResNet-50, with its image processor.
+        from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+
+        labels = {index: f"class {index}" for index in range(1000)}
+        model = ResNetForImageClassification(ResNetConfig(num_labels=1000, id2label=labels,
+                                                          label2id={v: k for k, v in labels.items()}))
+        processor = ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875, resample=3)
+    elif name == "style-classifier":
+        # UnlearnDiffAtk's checkpoint-2800: a ViT-base (patch 16, 224 px) with 129 WikiArt artist labels.
+        from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+        labels = {0: "vincent-van-gogh", **{index: f"artist-{index}" for index in range(1, 129)}}
+        model = ViTForImageClassification(ViTConfig(num_labels=129, id2label=labels,
+                                                    label2id={v: k for k, v in labels.items()}))
+        processor = ViTImageProcessor()
+    else:
+        raise ValueError(f"no random-weight stand-in for evaluator {name}")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    key = "model_path" if name == "style-classifier" else "weights"
+    return {key: str(folder)}
 
 
 def measure_weighted_evaluator(name: str, repeats: Repeats) -> dict:
     """Measure an evaluator whose weights are not shipped, or return a skipped row with the reason.
 
-    NOTE: only the fid branch has run; the clip-score, style-classifier and object-classifier
-    branches are untested, because no machine used so far had their weights.
+    When the real weights of clip-score, object-classifier or style-classifier are missing, the
+    evaluator loads random weights of the same architecture from a temporary folder instead, and
+    the row is marked random weights.
     """
     try:
         evaluator = construct_evaluator(name)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as error:
-        return skipped_row("evaluator", name, f"weights not available locally: {error}")
+        if name not in RANDOM_WEIGHT_EVALUATORS:
+            return skipped_row("evaluator", name, f"weights not available locally: {error}")
+        if repeats is MODES["smoke"]:
+            # Building and loading the stand-in takes seconds, which the smoke test cannot spare.
+            return skipped_row("evaluator", name, "weights not available locally, and random-weight stand-ins "
+                               f"are measured in quick and full modes only: {error}")
+        with tempfile.TemporaryDirectory() as folder:
+            evaluator = construct_evaluator(name, **save_random_weights(name, Path(folder)))
+            row = measure_evaluator(name, evaluator, repeats)
+        row["weights"] = "random"
+        row["details"]["how"] += (f". Random weights of the same architecture stand in, because the real ones "
+                                  f"are missing ({short_reason(str(error), 120)})")
+        return row
+    return measure_evaluator(name, evaluator, repeats)
 
+
+def measure_evaluator(name: str, evaluator, repeats: Repeats) -> dict:
+    """Time a constructed evaluator against its raw model call on preprocessed inputs."""
     count = max(1, repeats.evaluator_images // 4)
     images = synthetic_images(count, 512)
     if name == "clip-score":
@@ -838,26 +1005,31 @@ def measure_weighted_evaluator(name: str, repeats: Repeats) -> dict:
         return throughput_row(name, count, lambda: evaluator.features(images), raw, repeats,
                               "features() against the Inception extractor on preprocessed inputs")
 
+    from PIL import Image
+
+    # The raw calls use the evaluator's own batch size (one image per forward pass by default).
+    size = evaluator.config.batch_size
+    chunks = [images[start : start + size] for start in range(0, count, size)]
     if getattr(evaluator, "processor", None) is not None:
-        from PIL import Image
-
-        inputs = evaluator.processor(images=[Image.fromarray(image) for image in images], return_tensors="pt")
+        inputs = [evaluator.processor(images=[Image.fromarray(image) for image in chunk], return_tensors="pt")
+                  for chunk in chunks]
 
         def raw() -> None:
             with torch.no_grad():
-                evaluator.model(**inputs.to(evaluator.device))
+                for chunk_inputs in inputs:
+                    evaluator.model(**chunk_inputs.to(evaluator.device))
     else:
-        from PIL import Image
-
-        batch = torch.stack([evaluator.transform(Image.fromarray(image)) for image in images])
+        batches = [torch.stack([evaluator.transform(Image.fromarray(image)) for image in chunk]) for chunk in chunks]
 
         def raw() -> None:
             with torch.no_grad():
-                evaluator.model(batch.to(evaluator.device))
+                for batch in batches:
+                    evaluator.model(batch.to(evaluator.device))
 
     targets = [{"artist": "vincent van gogh"}] * count
     return throughput_row(name, count, lambda: evaluator.score(images, targets), raw, repeats,
-                          "score() against one forward pass of the classifier on preprocessed inputs")
+                          f"score() of {count} 512 x 512 images against forward passes of the classifier on "
+                          f"preprocessed inputs. Each pass takes {size} image(s), as the evaluator's passes do")
 
 
 # ----------------------------------------------------------------------------------------
@@ -896,6 +1068,8 @@ def run_task(task: dict) -> list[dict]:
             rows = [measure_defense(model, model_name, name, repeats)]
         elif kind == "generation":
             rows = [measure_generation(model, model_name, name, repeats)]
+        elif kind == "batched-attack" and name == "unlearndiffatk":
+            rows = [measure_batched_unlearndiffatk(model, model_name, repeats)]
         else:
             raise ValueError(f"unknown benchmark task {kind}/{name}")
 
@@ -991,6 +1165,11 @@ def plan_tasks(models: tuple[str, ...], mode: str, resolution: int, only: set[st
         for kind, names in (("attack", ATTACKS), ("defense", DEFENSES), ("generation", GENERATION_VARIANTS)):
             for name in names:
                 tasks.append({"mode": mode, "kind": kind, "name": name, "model": model_name, "resolution": resolution})
+        if model_name != FULL_SIZE_MODEL:
+            # On the full-size model 8 prompts at once would take minutes per run.
+            for name in BATCHED_ATTACKS:
+                tasks.append({"mode": mode, "kind": "batched-attack", "name": name, "model": model_name,
+                              "resolution": resolution})
     for name in EVALUATORS:
         tasks.append({"mode": mode, "kind": "evaluator", "name": name, "model": None})
     if not only:
@@ -1023,7 +1202,7 @@ def short_reason(reason: str, limit: int = 80) -> str:
 def table_lines(rows: list[dict], full_reasons: bool = True) -> list[str]:
     lines = [TABLE_HEADER, "|---|---|---:|---:|---:|---|---|---:|"]
     for row in rows:
-        measurement = f"{row['kind']} {row['name']}"
+        measurement = f"{row['kind']} {row['name']}" + (" (random weights)" if row.get("weights") == "random" else "")
         if row["status"] != "measured":
             reason = row.get("reason", "") if full_reasons else short_reason(row.get("reason", ""))
             lines.append(f"| {row.get('model') or '-'} | {measurement} | - | - | - | {row.get('target', '-')} | "
@@ -1032,6 +1211,9 @@ def table_lines(rows: list[dict], full_reasons: bool = True) -> list[str]:
         if "images_per_second" in row:
             time_text = f"{row['images_per_second']:.2f} img/s"
             baseline_text = f"{row['baseline_images_per_second']:.2f} img/s"
+        elif "prompts_per_second" in row:
+            time_text = f"{row['prompts_per_second']:.2f} prompts/s"
+            baseline_text = f"{row['baseline_prompts_per_second']:.2f} prompts/s"
         else:
             time_text, baseline_text = format_seconds(row["seconds"]), format_seconds(row["baseline_seconds"])
         result = "pass" if row["passed"] else "MISS"
@@ -1084,8 +1266,9 @@ def other_notes(rows: list[dict]) -> list[str]:
                          f"CPU (user and system) of the child process. Stages: {stages}.")
         elif row["status"] != "measured":
             lines.append(f"- **{row_label(row)}** {row['status']}: {row['reason']}")
-        elif row["kind"] in ("generation", "evaluator"):
-            lines.append(f"- **{row_label(row)}**: {row['details']['how']}.")
+        elif row["kind"] in ("generation", "evaluator", "batched-attack"):
+            lines.append(f"- **{row_label(row)}**: {row['details']['how']}."
+                         + "".join(f" {note[0].upper()}{note[1:].rstrip('.')}." for note in row["details"]["notes"]))
     return lines
 
 
@@ -1106,7 +1289,9 @@ def write_page(report: dict, output_dir: Path) -> None:
         f"Measured on {report['date']} on {machine['platform']} ({machine['processor']}, "
         f"{machine['cpu_count']} CPUs), Python {machine['python']}, torch {machine['torch']}, with one torch "
         "thread for every measurement. Other jobs shared the machine, so absolute times are noisy. Each ratio "
-        "compares numbers measured in the same process, and a step's floor is timed right after the step.",
+        "compares numbers measured in the same process, and a step's floor is timed right after the step."
+        + "".join(f" Rows {', '.join(f'`{name}`' for name in update['only'].split(','))} were measured again "
+                  f"on {update['date']} with `--only`." for update in report.get("updates", [])),
         "",
         f"Mode `{settings['mode']}`: models {', '.join(settings['models'])}. "
         + (f"The full-size SD v1.4 architecture (random weights) runs at {settings['resolution']} x "
@@ -1120,8 +1305,10 @@ def write_page(report: dict, output_dir: Path) -> None:
         "Method rows: time of one step through the plug-in's own code against the UNet passes that step "
         "makes, each timed alone at the same shapes and with the same parameters requiring gradients "
         f"(target <= {STEP_TARGET}). Generation and evaluator rows: images per second against bare model "
-        f"calls (target >= {THROUGHPUT_TARGET} of their throughput). Peak RSS is the measuring process's "
-        "ru_maxrss, model loading included.",
+        f"calls (target >= {THROUGHPUT_TARGET} of their throughput); evaluator rows marked random weights "
+        "load random weights of the real architecture, because the real weights are not on the machine. "
+        f"Batched-attack rows: prompts per second of one batched run against sequential runs (target >= "
+        f"{BATCH_TARGET}). Peak RSS is the measuring process's ru_maxrss, model loading included.",
         "",
         *table_lines(report["rows"], full_reasons=False),
         "",
@@ -1144,7 +1331,7 @@ def write_page(report: dict, output_dir: Path) -> None:
         "UNet parameters, and its Adam update, which reads and writes four tensors of that size, is part "
         "of the step but not a UNet pass.",
         "",
-        "## Generation, evaluators, the whole run and skipped rows",
+        "## Generation, evaluators, batched attacks, the whole run and skipped rows",
         "",
         *other_notes(report["rows"]),
         "",
@@ -1213,6 +1400,36 @@ def run_all(args: argparse.Namespace) -> dict:
     }
 
 
+def row_key(row: dict) -> tuple:
+    return row["kind"], row["name"], row.get("model")
+
+
+def merge_reports(previous: dict, update: dict, only: str) -> dict:
+    """Put the rows of an ``--only`` run into the previous report, keeping every other row.
+
+    A row replaces the previous row of the same kind, name and model. A new row goes after the
+    last previous row of its model, and an evaluator row, which has no model, before the run row.
+    """
+    if previous["settings"]["mode"] != update["settings"]["mode"]:
+        raise SystemExit(f"--only: the existing benchmarks.json was measured in mode "
+                         f"{previous['settings']['mode']!r}, this run in {update['settings']['mode']!r}; "
+                         "rerun with the same mode or use another --output-dir")
+    rows = list(previous["rows"])
+    for row in update["rows"]:
+        keys = [row_key(existing) for existing in rows]
+        if row_key(row) in keys:
+            rows[keys.index(row_key(row))] = row
+            continue
+        same_model = [index for index, existing in enumerate(rows)
+                      if existing.get("model") == row.get("model") and existing["kind"] != "run"]
+        position = same_model[-1] + 1 if same_model else len([r for r in rows if r["kind"] != "run"])
+        rows.insert(position, row)
+    updates = list(previous.get("updates", []))
+    updates.append({"date": update["date"], "only": only, "machine": update["machine"]})
+    return {**previous, "rows": rows, "updates": updates,
+            "failures": sum(row["status"] == "failed" for row in rows)}
+
+
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1259,9 +1476,14 @@ def main(argv: list[str] | None = None) -> int:
 
     report = run_all(args)
     print("\n".join(table_lines(report["rows"])))
+    failures = report["failures"]
+    source = args.output_dir / "benchmarks.json"
+    if args.only.strip() and source.is_file():
+        # Keep the rows of the earlier run that this one did not measure.
+        report = merge_reports(json.loads(source.read_text()), report, args.only)
     write_page(report, args.output_dir)
-    print(f"wrote {args.output_dir / 'benchmarks.md'} and {args.output_dir / 'benchmarks.json'}", file=sys.stderr)
-    return 1 if report["failures"] else 0
+    print(f"wrote {args.output_dir / 'benchmarks.md'} and {source}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

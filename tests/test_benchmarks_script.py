@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "run_benchmarks.py"
-MEASURED_EVERYWHERE = {"attack", "defense", "generation"}
+MEASURED_EVERYWHERE = {"attack", "defense", "generation", "batched-attack"}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,7 @@ def test_json_has_every_row(script, report):
     expected |= {("defense", name) for name in script.DEFENSES}
     expected |= {("generation", name) for name in script.GENERATION_VARIANTS}
     expected |= {("evaluator", name) for name in script.EVALUATORS}
+    expected |= {("batched-attack", name) for name in script.BATCHED_ATTACKS}
     expected |= {("run", "advunlearn x unlearndiffatk")}
     assert names == expected
     assert len(rows) == len(expected)
@@ -74,7 +75,7 @@ def test_step_rows_count_unet_passes(report):
             assert "fwd+bwd" in row["details"]["unet_passes_per_step"], row["name"]
 
 
-def test_shipped_evaluators_are_measured(report):
+def test_shipped_evaluators_are_measured(script, report):
     _, output = report
     rows = {row["name"]: row for row in json.loads((output / "benchmarks.json").read_text())["rows"]}
     assert rows["world-classifier"]["status"] == "measured"
@@ -83,6 +84,33 @@ def test_shipped_evaluators_are_measured(report):
         assert rows[name]["status"] in ("measured", "skipped"), name
         if rows[name]["status"] == "skipped":
             assert rows[name]["reason"], name
+    # Random-weight stand-ins are left out of smoke mode, which must stay fast.
+    for name in script.RANDOM_WEIGHT_EVALUATORS:
+        if rows[name]["status"] == "skipped":
+            assert "quick and full modes only" in rows[name]["reason"], name
+
+
+def test_batched_attack_row_compares_batch_sizes(report):
+    _, output = report
+    rows = json.loads((output / "benchmarks.json").read_text())["rows"]
+    (row,) = [row for row in rows if row["kind"] == "batched-attack"]
+    assert row["details"]["step_batch_sizes"] == {"batched": [8], "sequential": [1]}
+    assert row["prompts_per_second"] > 0
+    assert row["baseline_prompts_per_second"] > 0
+
+
+def test_only_run_keeps_the_other_rows(script, report, tmp_path):
+    _, output = report
+    previous = json.loads((output / "benchmarks.json").read_text())
+    (tmp_path / "benchmarks.json").write_text(json.dumps(previous))
+    code = script.main(["--smoke", "--model", "tiny-random", "--output-dir", str(tmp_path),
+                        "--only", "evaluator/world-classifier"])
+    assert code == 0
+    merged = json.loads((tmp_path / "benchmarks.json").read_text())
+    assert [(row["kind"], row["name"]) for row in merged["rows"]] == \
+        [(row["kind"], row["name"]) for row in previous["rows"]]
+    assert merged["updates"][-1]["only"] == "evaluator/world-classifier"
+    assert "measured again" in (tmp_path / "benchmarks.md").read_text()
 
 
 def test_whole_run_skipped_outside_full_mode(report):
