@@ -276,9 +276,9 @@ def _log_budgets(resolved) -> None:
     sections = [f"defense/{resolved.defense_class.name}", f"attack/{resolved.attack_class.name}"]
     reduced = [section for section in sections if section in budgets]
     if reduced:
-        logger.info("model %s sets reduced budgets for %s (its budgets.yaml), sized so that advunlearn against "
-                    "unlearndiffatk finishes in 10 minutes or less on a 2-core CPU; the reference budgets apply on SD v1.4, and --set "
-                    "overrides either", resolved.model_name, ", ".join(reduced))
+        logger.info("model %s sets reduced budgets for %s (its budgets.yaml), sized for a 2-core CPU: with them "
+                    "advunlearn against unlearndiffatk finishes in 10 minutes or less. The reference budgets apply "
+                    "on SD v1.4, and --set overrides either", resolved.model_name, ", ".join(reduced))
 
 
 def command_list(args) -> int:
