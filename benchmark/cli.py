@@ -296,6 +296,18 @@ def command_list(args) -> int:
     return 0
 
 
+UTILITY_VALUES = ("accuracy", "fid", "kid_mean", "kid_std", "clip_score", "n_generated", "n_reference")
+
+
+def _utility_detail(metric: dict) -> str:
+    """Return a utility metric's values as ``key value`` pairs, then its reason if it has one."""
+    values = [f"{key} {metric[key]:.4g}" if isinstance(metric[key], float) else f"{key} {metric[key]}"
+              for key in UTILITY_VALUES if metric.get(key) is not None]
+    if metric.get("reason"):
+        values.append(metric["reason"])
+    return ", ".join(values)
+
+
 def command_show(args) -> int:
     path = args.run_dir / "summary.json"
     if not path.exists():
@@ -310,8 +322,7 @@ def command_show(args) -> int:
             print(f"  {key:<16} {value:.3f}  (95% CI {interval[0]:.3f}-{interval[1]:.3f})")
     print(f"  prompts {summary['n_prompts']}, counted {summary['n_counted']}, invalid images {summary['n_invalid']}")
     for name, metric in summary.get("utility", {}).items():
-        detail = metric.get("accuracy", metric.get("reason", ""))
-        print(f"  utility {name}: {metric.get('status')} {detail}")
+        print(f"  utility {name}: {metric.get('status')} {_utility_detail(metric)}")
     print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.get("seconds", {}).items()))
     return 0
 

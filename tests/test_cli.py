@@ -65,3 +65,15 @@ def test_malformed_entry_names_file_and_field(tmp_path, capsys):
     assert "bad.json" in err
     assert "missing field 'defense'" in err
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_show_prints_fid_and_kid_values():
+    from benchmark.cli import _utility_detail
+
+    metric = {"status": "unreliable", "fid": 256.2, "kid_mean": 0.172, "kid_std": 0.01, "n_generated": 50,
+              "n_reference": 50, "reason": "50 images is fewer than 2048; compare KID instead"}
+    detail = _utility_detail(metric)
+    assert "fid 256.2" in detail
+    assert "kid_mean 0.172" in detail
+    assert "n_reference 50" in detail
+    assert detail.endswith("compare KID instead")
