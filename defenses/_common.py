@@ -320,6 +320,28 @@ class ResumableTraining:
         self.loss_curve = loss_curve
         self.losses: list[float] = []
 
+    @classmethod
+    def for_erasure(cls, name: str, context, config, *, parameters: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer, total_steps: int, fingerprint: dict,
+                    **options) -> "ResumableTraining":
+        """Build an erasure's training from its context (seed, work folder, progress bar) and config.
+
+        The fingerprint gets the config's resumable settings under "config". ``options`` go to
+        the constructor (``extra_state``, ``step_callback``, ``loss_curve``).
+        """
+        return cls(
+            name,
+            parameters=parameters,
+            optimizer=optimizer,
+            total_steps=total_steps,
+            seed=context.seed,
+            work_dir=context.work_dir,
+            fingerprint={"config": resumable_settings(config), **fingerprint},
+            checkpoint_every=config.checkpoint_every,
+            show_progress=context.show_progress,
+            **options,
+        )
+
     @property
     def checkpoint_path(self) -> Path | None:
         return self.work_dir / f"{self.name}-checkpoint.safetensors" if self.work_dir is not None else None

@@ -43,7 +43,7 @@ from benchmark.models.handle import ModelHandle
 from benchmark.plugins import Defense, ErasureContext
 from defenses._common import (
     TIMESTEP_LABELLINGS, UNET_PARAMETER_SETS, ResumableTraining, changed_weights, draw_training_timestep,
-    epoch_batch, esd_loss, latent_shape, make_trainable, resumable_settings, sample_partial_ddim,
+    epoch_batch, esd_loss, latent_shape, make_trainable, sample_partial_ddim,
     text_encoder_parameter_names, training_scheduler, unet_parameter_names,
 )
 
@@ -207,19 +207,10 @@ class AdvUnlearn(Defense):
             optimizer.step()
             return loss.item()
 
-        training = ResumableTraining(
-            self.name,
-            parameters=parameters,
-            optimizer=optimizer,
-            total_steps=config.iterations,
-            seed=context.seed,
-            work_dir=context.work_dir,
-            fingerprint={"config": resumable_settings(config), "concept": phrase, "gamma": gamma,
-                         "retain": retain_prompts, "method": self.name},
-            checkpoint_every=config.checkpoint_every,
-            show_progress=context.show_progress,
-            extra_state=(state.save, state.load),
-            step_callback=self.step_callback,
+        training = ResumableTraining.for_erasure(
+            self.name, context, config, parameters=parameters, optimizer=optimizer, total_steps=config.iterations,
+            fingerprint={"concept": phrase, "gamma": gamma, "retain": retain_prompts, "method": self.name},
+            extra_state=(state.save, state.load), step_callback=self.step_callback,
         )
         training.run(train_step)
         module.requires_grad_(False)

@@ -36,7 +36,7 @@ from benchmark.models.handle import ModelHandle
 from benchmark.plugins import Defense, ErasureContext
 from defenses._common import (
     TIMESTEP_LABELLINGS, ResumableTraining, changed_weights, draw_training_timestep, esd_loss, latent_shape,
-    make_trainable, resumable_settings, sample_partial_ddim, training_scheduler, unet_parameter_names,
+    make_trainable, sample_partial_ddim, training_scheduler, unet_parameter_names,
 )
 
 
@@ -103,17 +103,9 @@ class ESD(Defense):
             optimizer.step()
             return loss.item()
 
-        training = ResumableTraining(
-            self.name,
-            parameters=parameters,
-            optimizer=optimizer,
-            total_steps=config.iterations,
-            seed=context.seed,
-            work_dir=context.work_dir,
-            fingerprint={"config": resumable_settings(config), "concept": phrase, "method": self.name},
-            checkpoint_every=config.checkpoint_every,
-            show_progress=context.show_progress,
-            step_callback=self.step_callback,
+        training = ResumableTraining.for_erasure(
+            self.name, context, config, parameters=parameters, optimizer=optimizer, total_steps=config.iterations,
+            fingerprint={"concept": phrase, "method": self.name}, step_callback=self.step_callback,
         )
         training.run(train_step)
         model.unet.requires_grad_(False)

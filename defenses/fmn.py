@@ -288,17 +288,9 @@ class ForgetMeNot(Defense):
             optimizer.step()
             return loss.item()
 
-        training = ResumableTraining(
-            self.name,
-            parameters=parameters,
-            optimizer=optimizer,
-            total_steps=config.steps,
-            seed=context.seed,
-            work_dir=context.work_dir,
-            fingerprint={"config": resumable_settings(config), "concept": phrase, "method": self.name},
-            checkpoint_every=config.checkpoint_every,
-            show_progress=context.show_progress,
-            step_callback=self.step_callback,
+        training = ResumableTraining.for_erasure(
+            self.name, context, config, parameters=parameters, optimizer=optimizer, total_steps=config.steps,
+            fingerprint={"concept": phrase, "method": self.name}, step_callback=self.step_callback,
         )
         training.run(train_step)
         model.unet.requires_grad_(False)
@@ -365,16 +357,9 @@ class ForgetMeNot(Defense):
                 learned.mul_((norms + pull * (config.ti_norm_target - norms)) / norms)
             return loss.item()
 
-        training = ResumableTraining(
-            f"{self.name}-ti",
-            parameters={"embeddings": learned},
-            optimizer=optimizer,
-            total_steps=config.ti_steps,
-            seed=context.seed,
-            work_dir=context.work_dir,
-            fingerprint={"config": resumable_settings(config), "concept": context.concept.erase_phrase},
-            checkpoint_every=config.checkpoint_every,
-            show_progress=context.show_progress,
+        training = ResumableTraining.for_erasure(
+            f"{self.name}-ti", context, config, parameters={"embeddings": learned}, optimizer=optimizer,
+            total_steps=config.ti_steps, fingerprint={"concept": context.concept.erase_phrase},
             loss_curve="loss-ti.png",
         )
         training.run(inversion_step)
