@@ -12,7 +12,7 @@ for Stable Diffusion. A ``folder`` value may use ``~`` and environment variables
 path is relative to the concept file.
 
 The reference set's sha256 is the sha256 of one line ``name<TAB>sha256`` per image, in order.
-For folders, a line holds the file name and the sha256 of the file's bytes. For renders, it holds
+For folders, a line contains the file name and the sha256 of the file's bytes. For renders, it contains
 the prompt id and the sha256 of ``"HxWx3"`` followed by the raw 8-bit pixels.
 """
 
@@ -134,7 +134,7 @@ def folder_reference(folder: Path) -> ReferenceSet:
 def reference_features(evaluator, reference: ReferenceSet, cache_folder: Path | None) -> np.ndarray:
     """Return the reference set's Inception features, read from or written to ``cache_folder`` when given.
 
-    The cache file name holds the reference set's sha256 and the Inception weights' sha256, so a
+    The cache file name contains the reference set's sha256 and the Inception weights' sha256, so a
     changed image or weights file never reuses stale features.
     """
     if cache_folder is None:

@@ -524,12 +524,12 @@ def measure_batched_unlearndiffatk(model, model_name: str, repeats: Repeats) -> 
     attack_class, batch_config = method_config("attack", "unlearndiffatk", {**overrides, "batch_size": ATTACK_BATCH})
 
     def contexts():
-        made = []
+        built = []
         for index, record in enumerate(records):
             context = attack_context(model, concept, generator_seed=7 + index)
             context.record = record
-            made.append(context)
-        return made
+            built.append(context)
+        return built
 
     def batched() -> None:
         attack_class(batch_config).attack_batch(contexts())
