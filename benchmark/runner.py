@@ -181,6 +181,18 @@ def model_budgets(model_name: str) -> dict:
     return budgets() if callable(budgets) else {}
 
 
+def config_layers(request: RunRequest, concept: Concept, model_name: str) -> list[dict]:
+    """Return the config layers of a run, earliest first: the model's budgets, the concept's
+    overrides and evaluator settings, ``--config``, then ``--set``."""
+    file_layer = load_config_file(request.config_file) if request.config_file else {}
+    set_layer: dict[str, dict] = {}
+    for option in request.sets:
+        section, key, value = parse_set_option(option)
+        set_layer.setdefault(section, {})[key] = value
+    return [model_budgets(model_name), concept.overrides, {"evaluator": concept.evaluator_settings},
+            file_layer, set_layer]
+
+
 def resolve(request: RunRequest) -> ResolvedRun:
     """Resolve and validate every component of a run without loading weights."""
     concept = resolve_concept(request.concept or DEFAULT_CONCEPT)
@@ -190,13 +202,7 @@ def resolve(request: RunRequest) -> ResolvedRun:
     attack_class = ATTACKS.get(request.attack)
     evaluator_class = EVALUATORS.get(concept.evaluator)
 
-    file_layer = load_config_file(request.config_file) if request.config_file else {}
-    set_layer: dict[str, dict] = {}
-    for option in request.sets:
-        section, key, value = parse_set_option(option)
-        set_layer.setdefault(section, {})[key] = value
-    layer_list = [model_budgets(model_name), concept.overrides, {"evaluator": concept.evaluator_settings},
-                  file_layer, set_layer]
+    layer_list = config_layers(request, concept, model_name)
     layers = merge_layers(*layer_list)
     _check_sections(layers)
 
@@ -563,17 +569,8 @@ class Runner:
         The layers are those of the run's methods: the model's budget, the concept's overrides,
         ``--config``, then ``--set``. The plain ``evaluator`` section belongs to the concept's evaluator.
         """
-        request = self.request
-        set_layer: dict[str, dict] = {}
-        for option in request.sets:
-            section, key, value = parse_set_option(option)
-            set_layer.setdefault(section, {})[key] = value
-        layers = [model_budgets(self.resolved.model_name), self.resolved.concept.overrides,
-                  load_config_file(request.config_file) if request.config_file else {}, set_layer]
-        settings: dict = {}
-        for layer in layers:
-            settings.update(layer.get(f"evaluator/{name}") or {})
-        return settings
+        layers = merge_layers(*config_layers(self.request, self.resolved.concept, self.resolved.model_name))
+        return dict(layers.get(f"evaluator/{name}") or {})
 
     def _fid(self, evaluator, generated: list[np.ndarray], retain_records: list[PromptRecord]) -> dict:
         """Compute FID and KID of the retain prompts' valid images against the concept's reference set."""

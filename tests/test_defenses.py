@@ -698,7 +698,7 @@ def unlearndiffatk_summary(defense, output, settings=None):
 def test_advunlearn_resists_unlearndiffatk_better_than_esd(tmp_path):
     from benchmark.selftest import vulnerable_defense
 
-    # The ESD that UnlearnDiffAtk breaks on the world; at the world's own ESD budgets the attack gains nothing.
+    # The ESD that UnlearnDiffAtk breaks on the world. At the world's own ESD budgets the attack gains nothing.
     esd, esd_settings = vulnerable_defense("world", "unlearndiffatk")
     esd_summary = unlearndiffatk_summary(esd, tmp_path / "esd", esd_settings)
     robust_summary = unlearndiffatk_summary("advunlearn", tmp_path / "advunlearn")
