@@ -32,6 +32,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ from attacks._common import (
 from benchmark.config import bounds, config_to_dict
 from benchmark.generation import SAMPLERS
 from benchmark.plugins import AdversarialPrompt, Attack, AttackContext
+from benchmark.results import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -192,28 +194,39 @@ class CCE(Attack):
     # -- inversion ------------------------------------------------------------------------
 
     def learned_embedding(self, context: AttackContext) -> tuple[torch.Tensor, dict]:
-        """Return v for this erased model and concept: from memory, from the cache, or trained now."""
-        from benchmark.models.checkpoints import load_state_dict, save_state_dict
-        from benchmark.paths import cache_dir
+        """Return v for this erased model and concept: from memory, from the cache, or trained now.
+
+        The cache entry is read and written under a file lock, so processes that share the cache
+        (sweep shards, Slurm array tasks) train each embedding once: the others wait and load it.
+        """
+        from benchmark.paths import cache_dir, exclusive_lock
 
         key = self._cache_key(context)
         if key in self._embeddings:
             return self._embeddings[key]
 
         folder = cache_dir() / "cce" / key
-        path = folder / "embedding.safetensors"
-        if path.exists():
+        with exclusive_lock(folder.with_name(f"{key}.lock"), f"the CCE embedding {key}"):
+            self._embeddings[key] = self._load_or_train(context, key, folder)
+        return self._embeddings[key]
+
+    def _load_or_train(self, context: AttackContext, key: str, folder: Path) -> tuple[torch.Tensor, dict]:
+        from benchmark.models.checkpoints import load_state_dict, save_state_dict
+
+        path, record = folder / "embedding.safetensors", folder / "training.json"
+        # training.json is written last, so a process killed while saving leaves no half entry.
+        if record.exists():
             embedding = load_state_dict(path)["embedding"].to(context.model.device)
-            training = json.loads((folder / "training.json").read_text())
+            training = json.loads(record.read_text())
             training["reused_from_cache"] = True
             logger.info("reusing the CCE embedding %s", path)
-        else:
-            embedding, training = self._train(context)
-            save_state_dict({"embedding": embedding}, path)
-            training.update(key=key, file=str(path), sha256=_file_sha256(path))
-            (folder / "training.json").write_text(json.dumps(training, indent=2, sort_keys=True) + "\n")
-            training["reused_from_cache"] = False
-        self._embeddings[key] = (embedding, training)
+            return embedding, training
+
+        embedding, training = self._train(context)
+        save_state_dict({"embedding": embedding}, path)
+        training.update(key=key, file=str(path), sha256=_file_sha256(path))
+        write_json_atomic(record, training)
+        training["reused_from_cache"] = False
         return embedding, training
 
     def _cache_key(self, context: AttackContext) -> str:

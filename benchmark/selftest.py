@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 # The known-vulnerable erasure per (model, attack) or per model: a defense and the settings
 # that replace its budget. On the world's 50 circle prompts (docs/attacks.md), ESD-x with these
 # settings lowers the circle rate from 0.90 to 0.24, and UnlearnDiffAtk, P4D-N, P4D-K and CCE
-# raise it to 0.58, 0.92, 0.64 and 0.62. ESD-u with the same settings resists CCE (0.26 to
-# 0.32). SD v1.4 uses ESD-u's reference settings.
+# raise it to 0.72, 0.92, 0.64 and 0.62. ESD-u with the same settings resists CCE (0.34 to
+# 0.42). SD v1.4 uses ESD-u's reference settings.
 WORLD_ESD = {"iterations": 150, "ddim_steps": 15, "lr": 1e-4}
 VULNERABLE_DEFENSES = {
     "world": ("esd-x", WORLD_ESD),

@@ -108,10 +108,38 @@ MODES = {
 FULL_SIZE_REPEATS = Repeats(floor_warmup=1, floor_repeats=3, timed_steps=3, short_run=1, long_run=3, run_repeats=2,
                             generation_prompts=2, generation_steps=4, generation_repeats=2, evaluator_images=0,
                             evaluator_repeats=0)
-DEFAULT_MODELS = {"smoke": ("tiny-random",), "quick": ("world",), "full": ("world", FULL_SIZE_MODEL)}
+# "sd-v1-4-random@512" is the full-size architecture at SD v1.4's own 512 x 512 pixels. There a UNet
+# forward and backward pass takes about 20 s on one CPU thread, so only the attack steps and ESD-u
+# are measured, with one floor sample per pass kind, two timed steps, and two pairs of runs of 1
+# and 2 iterations. ESD-u's Adam update over 813 M parameters is the defense cost that does not
+# shrink with the resolution.
+REFERENCE_RESOLUTION = 512
+FULL_SIZE_AT_REFERENCE = f"{FULL_SIZE_MODEL}@{REFERENCE_RESOLUTION}"
+REFERENCE_RESOLUTION_TASKS = {("attack", name) for name in ATTACKS} | {("defense", "esd-u")}
+REFERENCE_RESOLUTION_REPEATS = dataclasses.replace(FULL_SIZE_REPEATS, floor_repeats=1, timed_steps=2, long_run=2,
+                                                   run_repeats=2)
+DEFAULT_MODELS = {"smoke": ("tiny-random",), "quick": ("world",),
+                  "full": ("world", FULL_SIZE_MODEL, FULL_SIZE_AT_REFERENCE)}
+KNOWN_MODELS = ("world", "tiny-random", FULL_SIZE_MODEL)
 
 
-def repeats_for(mode: str, model_name: str) -> Repeats:
+def split_model_label(label: str) -> tuple[str, int | None]:
+    """Split a model label such as ``sd-v1-4-random@512`` into the model name and its resolution in pixels."""
+    name, _, pixels = label.partition("@")
+    if name not in KNOWN_MODELS:
+        raise SystemExit(f"--model: unknown model {name!r}; valid: {', '.join(KNOWN_MODELS)}")
+    if not pixels:
+        return name, None
+    if name != FULL_SIZE_MODEL or not pixels.isdigit() or int(pixels) % 64:
+        raise SystemExit(f"--model: {label!r} is invalid: only {FULL_SIZE_MODEL} takes a resolution suffix, "
+                         f"a multiple of 64 such as {FULL_SIZE_AT_REFERENCE}")
+    return name, int(pixels)
+
+
+def repeats_for(mode: str, label: str) -> Repeats:
+    model_name, pixels = split_model_label(label)
+    if pixels is not None and mode != "smoke":
+        return REFERENCE_RESOLUTION_REPEATS
     if model_name == FULL_SIZE_MODEL and mode != "smoke":
         return FULL_SIZE_REPEATS
     return MODES[mode]
@@ -647,7 +675,7 @@ def measure_p4d(model, model_name: str, name: str, repeats: Repeats) -> dict:
     concept = concept_for(model_name)
     # Only iteration 0 is evaluated, and the stub judge returns at once.
     base = {"target_candidates": 1, "target_steps": 1, "selection": "evaluator", "stop_on_success": False,
-            "eval_every": 1_000_000}
+            "eval_every": 1_000_000, "eval_steps": 1}
 
     def run(iterations: int) -> None:
         attack_class, config = method_config("attack", name, {**base, "iterations": iterations})
@@ -1056,8 +1084,10 @@ def run_task(task: dict) -> list[dict]:
         else:
             rows = [measure_weighted_evaluator(name, repeats)]
     else:
-        repeats = repeats_for(mode, model_name)
-        model = load_benchmark_model(model_name, task["resolution"])
+        label = model_name
+        repeats = repeats_for(mode, label)
+        model_name, pixels = split_model_label(label)
+        model = load_benchmark_model(model_name, pixels or task["resolution"])
         if kind == "attack" and name == "unlearndiffatk":
             rows = [measure_unlearndiffatk(model, model_name, repeats)]
         elif kind == "attack" and name in ("p4d-n", "p4d-k"):
@@ -1074,7 +1104,7 @@ def run_task(task: dict) -> list[dict]:
             raise ValueError(f"unknown benchmark task {kind}/{name}")
 
     for row in rows:
-        row["model"] = model_name
+        row["model"] = task.get("model")
         row["peak_rss_mib"] = peak_rss_mib()
         row["task_seconds"] = time.perf_counter() - started
     return rows
@@ -1162,10 +1192,13 @@ def plan_tasks(models: tuple[str, ...], mode: str, resolution: int, only: set[st
     """List the measurement tasks, keeping only those named ``kind/name`` in ``only`` unless it is empty."""
     tasks = []
     for model_name in models:
+        _, pixels = split_model_label(model_name)
         for kind, names in (("attack", ATTACKS), ("defense", DEFENSES), ("generation", GENERATION_VARIANTS)):
             for name in names:
+                if pixels is not None and (kind, name) not in REFERENCE_RESOLUTION_TASKS:
+                    continue
                 tasks.append({"mode": mode, "kind": kind, "name": name, "model": model_name, "resolution": resolution})
-        if model_name != FULL_SIZE_MODEL:
+        if not model_name.startswith(FULL_SIZE_MODEL):
             # On the full-size model 8 prompts at once would take minutes per run.
             for name in BATCHED_ATTACKS:
                 tasks.append({"mode": mode, "kind": "batched-attack", "name": name, "model": model_name,
@@ -1190,7 +1223,8 @@ def format_seconds(value: float | None) -> str:
     return f"{value * 1000:.1f} ms"
 
 
-TABLE_HEADER = "| model | measurement | measured | baseline | ratio | target | result | peak RSS |"
+TABLE_HEADER = ("| model | measurement | measured | baseline | ratio | ratio with text encoder | target | result "
+                "| peak RSS |")
 
 
 def short_reason(reason: str, limit: int = 80) -> str:
@@ -1200,12 +1234,12 @@ def short_reason(reason: str, limit: int = 80) -> str:
 
 
 def table_lines(rows: list[dict], full_reasons: bool = True) -> list[str]:
-    lines = [TABLE_HEADER, "|---|---|---:|---:|---:|---|---|---:|"]
+    lines = [TABLE_HEADER, "|---|---|---:|---:|---:|---:|---|---|---:|"]
     for row in rows:
         measurement = f"{row['kind']} {row['name']}" + (" (random weights)" if row.get("weights") == "random" else "")
         if row["status"] != "measured":
             reason = row.get("reason", "") if full_reasons else short_reason(row.get("reason", ""))
-            lines.append(f"| {row.get('model') or '-'} | {measurement} | - | - | - | {row.get('target', '-')} | "
+            lines.append(f"| {row.get('model') or '-'} | {measurement} | - | - | - | - | {row.get('target', '-')} | "
                          f"{row['status']}: {reason} | - |")
             continue
         if "images_per_second" in row:
@@ -1217,8 +1251,11 @@ def table_lines(rows: list[dict], full_reasons: bool = True) -> list[str]:
         else:
             time_text, baseline_text = format_seconds(row["seconds"]), format_seconds(row["baseline_seconds"])
         result = "pass" if row["passed"] else "MISS"
+        with_text = row.get("details", {}).get("ratio_to_unet_and_text_encoder")
+        with_text_text = f"{with_text:.2f}" if with_text is not None else "-"
         lines.append(f"| {row.get('model') or '-'} | {measurement} | {time_text} | {baseline_text} | "
-                     f"{row['ratio']:.2f} | {row['target']} | {result} | {row['peak_rss_mib']:.0f} MiB |")
+                     f"{row['ratio']:.2f} | {with_text_text} | {row['target']} | {result} | "
+                     f"{row['peak_rss_mib']:.0f} MiB |")
     return lines
 
 
@@ -1290,21 +1327,27 @@ def write_page(report: dict, output_dir: Path) -> None:
         f"{machine['cpu_count']} CPUs), Python {machine['python']}, torch {machine['torch']}, with one torch "
         "thread for every measurement. Other jobs shared the machine, so absolute times are noisy. Each ratio "
         "compares numbers measured in the same process, and a step's floor is timed right after the step."
-        + "".join(f" Rows {', '.join(f'`{name}`' for name in update['only'].split(','))} were measured again "
-                  f"on {update['date']} with `--only`." for update in report.get("updates", [])),
+        + "".join(f" Rows {', '.join(f'`{name}`' for name in update['only'].split(','))}"
+                  + (f" of {', '.join(update['models'])}" if update.get("models") else "")
+                  + f" were measured again on {update['date']} with `--only`." for update in report.get("updates", [])),
         "",
         f"Mode `{settings['mode']}`: models {', '.join(settings['models'])}. "
         + (f"The full-size SD v1.4 architecture (random weights) runs at {settings['resolution']} x "
            f"{settings['resolution']} pixels ({settings['resolution'] // 8} x {settings['resolution'] // 8} "
            "latents) instead of 512, with fewer repeats, and generation uses 4 sampler steps. "
            if FULL_SIZE_MODEL in settings["models"] else "")
+        + (f"Rows of `{FULL_SIZE_AT_REFERENCE}` measure method steps on the same architecture "
+           f"at {REFERENCE_RESOLUTION} x {REFERENCE_RESOLUTION} pixels, SD v1.4's own resolution, with two timed "
+           "steps and one floor sample per pass kind. "
+           if any(row.get("model") == FULL_SIZE_AT_REFERENCE for row in report["rows"]) else "")
         + "Every model uses the default world's method budgets (`benchmark/world/budgets.yaml`).",
         "",
         "## Results",
         "",
         "Method rows: time of one step through the plug-in's own code against the UNet passes that step "
         "makes, each timed alone at the same shapes and with the same parameters requiring gradients "
-        f"(target <= {STEP_TARGET}). Generation and evaluator rows: images per second against bare model "
+        f"(target <= {STEP_TARGET}); the next column adds the text-encoder passes of the step to that floor. "
+        "Generation and evaluator rows: images per second against bare model "
         f"calls (target >= {THROUGHPUT_TARGET} of their throughput); evaluator rows marked random weights "
         "load random weights of the real architecture, because the real weights are not on the machine. "
         f"Batched-attack rows: prompts per second of one batched run against sequential runs (target >= "
@@ -1320,16 +1363,18 @@ def write_page(report: dict, output_dir: Path) -> None:
         "",
         *method_notes(report["rows"]),
         "",
-        "Beyond its model passes, each attack step runs vocabulary-wide work that the reference methods "
-        "run too. UnlearnDiffAtk samples k tokens from k x 49,408 distributions, takes the gradient of the "
-        "one-hot rows (a k x width by width x 49,408 product) and projects the rows back onto the simplex. "
-        "P4D searches all 49,408 unit-length token embeddings for each learned token. CCE backpropagates "
-        "through the text encoder for a batch of 4 prompts. Against the default world's small UNet these "
-        "take a visible share of the step, and against the full-size UNet little. At reduced resolution the "
-        "full-size text encoder's passes weigh more than at 512 pixels, because the UNet's cost shrinks "
-        "with the latent size and the text encoder's does not. ESD-u on the full-size model trains 813 M "
-        "UNet parameters, and its Adam update, which reads and writes four tensors of that size, is part "
-        "of the step but not a UNet pass.",
+        "Beyond its UNet passes, each attack step runs work that the reference methods run too. Every "
+        "attack backpropagates through the text encoder, which is not a UNet pass. UnlearnDiffAtk samples "
+        "k tokens from k x 49,408 distributions, takes the gradient of the one-hot rows (a k x width by "
+        "width x 49,408 product) and projects the rows back onto the simplex. P4D searches all 49,408 "
+        "unit-length token embeddings for each learned token. On the default world a forward and backward "
+        "pass of the text encoder costs about a sixth of one of the small UNet, so there no attack step "
+        "can come within 1.1x of its UNet passes alone; the column with the text encoder shows how much "
+        "of the rest is the method's own work. On the full-size architecture the text encoder's share "
+        "shrinks as the resolution grows, because the UNet's cost grows with the latent size and the "
+        "text encoder's does not: the rows at 512 pixels, SD v1.4's resolution, measure the steps as they "
+        "run there. ESD-u on the full-size model trains 813 M UNet parameters, and its Adam update, "
+        "which reads and writes four tensors of that size, is part of the step but not a UNet pass.",
         "",
         "## Generation, evaluators, batched attacks, the whole run and skipped rows",
         "",
@@ -1425,7 +1470,8 @@ def merge_reports(previous: dict, update: dict, only: str) -> dict:
         position = same_model[-1] + 1 if same_model else len([r for r in rows if r["kind"] != "run"])
         rows.insert(position, row)
     updates = list(previous.get("updates", []))
-    updates.append({"date": update["date"], "only": only, "machine": update["machine"]})
+    updates.append({"date": update["date"], "only": only, "models": update["settings"]["models"],
+                    "machine": update["machine"]})
     return {**previous, "rows": rows, "updates": updates,
             "failures": sum(row["status"] == "failed" for row in rows)}
 

@@ -126,5 +126,23 @@ def test_page_lists_machine_and_table(report):
     page = (output / "benchmarks.md").read_text()
     assert page.startswith("# Benchmarks")
     assert "one torch thread" in page
-    assert "| model | measurement | measured | baseline | ratio | target | result | peak RSS |" in page
+    assert ("| model | measurement | measured | baseline | ratio | ratio with text encoder | target | result "
+            "| peak RSS |") in page
     assert "tiny-random" in page
+
+
+def test_model_label_with_resolution(script):
+    assert script.split_model_label("sd-v1-4-random@512") == ("sd-v1-4-random", 512)
+    assert script.split_model_label("world") == ("world", None)
+
+
+@pytest.mark.parametrize("label", ["world@512", "sd-v1-4-random@500", "sd-v1-4-random@big", "sd-v2"])
+def test_invalid_model_label_is_rejected(script, label):
+    with pytest.raises(SystemExit, match="--model"):
+        script.split_model_label(label)
+
+
+def test_reference_resolution_plans_attacks_and_esd_u(script):
+    tasks = script.plan_tasks(("sd-v1-4-random@512",), "full", 128, set())
+    planned = {(task["kind"], task["name"]) for task in tasks if task["model"] == "sd-v1-4-random@512"}
+    assert planned == {("attack", name) for name in script.ATTACKS} | {("defense", "esd-u")}

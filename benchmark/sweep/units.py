@@ -27,7 +27,6 @@ Every step can be killed and repeated:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from benchmark.paths import exclusive_lock
 from benchmark.results import RECORDS, SUMMARY, RunFolder, read_records, write_json_atomic
 from benchmark.runner import ResolvedRun, Runner, resolve
 from benchmark.sweep.plan import ERASURE, MERGE, PROMPTS, SweepError, WorkUnit, erasure_digest, erasure_identity
@@ -56,20 +56,9 @@ def erasure_state_dir(output: Path) -> Path:
     return Path(output) / STATE_DIR / "erasures"
 
 
-@contextlib.contextmanager
 def erasure_lock(state_dir: Path, digest: str):
     """Hold an exclusive file lock for one erasure identity, waiting while another process holds it."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / f"{digest}.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("erasure %s is locked by another process; waiting for the lock", digest)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return exclusive_lock(state_dir / f"{digest}.lock", f"erasure {digest}")
 
 
 class SweepRunner(Runner):
