@@ -54,7 +54,7 @@ def decode_ids(tokenizer, ids: list[int]) -> str:
 # Probability simplex (UnlearnDiffAtk)
 
 
-# The reference tests "excess + 1e-8 == 0" in float32, which holds exactly when the excess is
+# The reference tests "excess + 1e-8 == 0" in float32, which is true exactly when the excess is
 # float32(-1e-8).
 _REFERENCE_ROOT = float(np.float32(-1e-8))
 
@@ -79,8 +79,8 @@ def project_to_simplex(rows: torch.Tensor, tolerance: float = 1e-5) -> torch.Ten
     """
     flat = rows.detach().reshape(-1, rows.shape[-1])
     if not bool(torch.isfinite(flat).all()):
-        raise ValueError("the rows to project onto the simplex contain non-finite values; "
-                         "the attack's loss or gradient was not finite")
+        raise ValueError("invalid rows for the simplex projection: they contain non-finite values, "
+                         "so the attack's loss or gradient was not finite")
     done = ((flat.clamp(0, 1).sum(-1) - 1).abs().double() <= tolerance).tolist()
     lows = (flat.min(-1).values - 1).double().tolist()
     highs = flat.max(-1).values.double().tolist()

@@ -27,7 +27,7 @@ def cache_dir() -> Path:
 
 @contextlib.contextmanager
 def exclusive_lock(path: Path, description: str) -> Iterator[None]:
-    """Hold an exclusive file lock on ``path``, waiting while another process holds it.
+    """Take an exclusive file lock on ``path`` for the block, waiting while another process has it.
 
     ``description`` names what the lock guards in the log line written while waiting.
     """

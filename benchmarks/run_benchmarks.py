@@ -110,8 +110,8 @@ FULL_SIZE_REPEATS = Repeats(floor_warmup=1, floor_repeats=3, timed_steps=3, shor
                             evaluator_repeats=0)
 # "sd-v1-4-random@512" is the full-size architecture at SD v1.4's own 512 x 512 pixels. There a UNet
 # forward and backward pass takes about 20 s on one CPU thread, so only the attack steps and ESD-u
-# are measured, with one floor sample per pass kind, two timed steps, and two pairs of runs of 1
-# and 2 iterations. ESD-u's Adam update over 813 M parameters is the defense cost that does not
+# are measured. Each gets one floor sample per pass kind, two timed steps, and two pairs of runs of
+# 1 and 2 iterations. ESD-u's Adam update over 813 M parameters is the defense cost that does not
 # shrink with the resolution.
 REFERENCE_RESOLUTION = 512
 FULL_SIZE_AT_REFERENCE = f"{FULL_SIZE_MODEL}@{REFERENCE_RESOLUTION}"
@@ -1368,12 +1368,12 @@ def write_page(report: dict, output_dir: Path) -> None:
         "k tokens from k x 49,408 distributions, takes the gradient of the one-hot rows (a k x width by "
         "width x 49,408 product) and projects the rows back onto the simplex. P4D searches all 49,408 "
         "unit-length token embeddings for each learned token. On the default world a forward and backward "
-        "pass of the text encoder costs about a sixth of one of the small UNet, so there no attack step "
-        "can come within 1.1x of its UNet passes alone; the column with the text encoder shows how much "
-        "of the rest is the method's own work. On the full-size architecture the text encoder's share "
-        "shrinks as the resolution grows, because the UNet's cost grows with the latent size and the "
-        "text encoder's does not: the rows at 512 pixels, SD v1.4's resolution, measure the steps as they "
-        "run there. ESD-u on the full-size model trains 813 M UNet parameters, and its Adam update, "
+        "pass of the text encoder costs about a sixth of one of the small UNet. So there no attack step "
+        "can come within 1.1x of its UNet passes alone, and the column with the text encoder shows how "
+        "much of the rest is the method's own work. On the full-size architecture the text encoder's "
+        "share shrinks as the resolution grows, because the UNet's cost grows with the latent size and "
+        "the text encoder's does not. The rows at 512 pixels, SD v1.4's resolution, measure the steps as "
+        "they run there. ESD-u on the full-size model trains 813 M UNet parameters, and its Adam update, "
         "which reads and writes four tensors of that size, is part of the step but not a UNet pass.",
         "",
         "## Generation, evaluators, batched attacks, the whole run and skipped rows",

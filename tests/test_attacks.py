@@ -361,7 +361,7 @@ def test_cce_embedding_shared_across_prompts(tiny_model):
     assert second.info["embedding"]["reused_from_cache"] is True
 
 
-def test_cce_waits_for_an_embedding_in_training(tiny_model, tmp_path, monkeypatch):
+def test_cce_waits_for_locked_embedding(tiny_model, tmp_path, monkeypatch):
     from benchmark.paths import CACHE_VARIABLE, cache_dir, exclusive_lock
 
     # Another process holds the cache entry's lock while it trains the same embedding.
