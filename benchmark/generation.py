@@ -190,27 +190,15 @@ def sample(
         return model.decode_latents(latents)
 
 
-def generate(
-    model: ModelHandle,
-    seeds: list[int],
-    guidance_scales: list[float],
-    sampling: Sampling,
-    prompts: list[str] | None = None,
-    text_states: torch.Tensor | None = None,
-    batch_size: int = 8,
-    batch_invariant: bool = True,
-    precision: str = "fp32",
-    compile_unet: bool = False,
-) -> list[np.ndarray]:
+def generate(model: ModelHandle, seeds: list[int], guidance_scales: list[float], sampling: Sampling,
+             **options) -> list[np.ndarray]:
     """Generate one image per seed, from prompts or from text states, in batches.
 
     Returns float32 arrays (H x W x 3) in about [0, 1], not yet clamped or quantised, so that
-    the validity check can see NaN and infinite values. ``generate_images`` takes the same
-    arguments and also returns the precision of each image.
+    the validity check can see NaN and infinite values. ``options`` are the keyword arguments of
+    ``generate_images``, which also returns the precision of each image.
     """
-    images = generate_images(model, seeds, guidance_scales, sampling, prompts=prompts, text_states=text_states,
-                             batch_size=batch_size, batch_invariant=batch_invariant, precision=precision,
-                             compile_unet=compile_unet)
+    images = generate_images(model, seeds, guidance_scales, sampling, **options)
     return [image.pixels for image in images]
 
 
