@@ -155,6 +155,7 @@ def _add_rescore_parser(commands) -> None:
                         help="config override, used only when no run manifest is found (repeatable)")
     parser.add_argument("--output", type=Path, help="also write the JSON result to this file")
     parser.add_argument("--records", action="store_true", help="include each prompt's rescored verdicts")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _add_convert_fid_weights_parser(commands) -> None:
@@ -202,7 +203,8 @@ def command_rescore(args) -> int:
     from benchmark.rescore import RescoreError, rescore
 
     try:
-        result = rescore(args.path, args.defense, model=args.model, concept=args.concept, sets=args.sets)
+        result = rescore(args.path, args.defense, model=args.model, concept=args.concept, sets=args.sets,
+                         show_progress=not args.no_progress)
     except RescoreError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -18,6 +18,8 @@ import logging
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from benchmark.config import build_config
 from benchmark.generation import GenerationConfig, to_uint8
 from benchmark.images import validity
@@ -59,7 +61,7 @@ def load_artifacts(folder: Path) -> list[dict]:
     return artifacts
 
 
-def resolve_from_manifest(manifest: dict, defense: str, model: str | None, output: Path):
+def resolve_from_manifest(manifest: dict, defense: str, model: str | None, output: Path, show_progress: bool = False):
     """Rebuild the run's resolved components from its manifest; the attack becomes ``none``."""
     from benchmark.generation import Sampling
     from benchmark.runner import RunConfig, RunRequest, resolve
@@ -70,7 +72,7 @@ def resolve_from_manifest(manifest: dict, defense: str, model: str | None, outpu
                            f"pass --defense {plan['defense']['name']}")
     concept = plan["concept"]["source"] or plan["concept"]["name"]
     base = resolve(RunRequest(defense=defense, attack="none", concept=concept, model=model or plan["model"],
-                              output=output, show_progress=False))
+                              output=output, show_progress=show_progress))
 
     defense_class = DEFENSES.get(defense)
     evaluator_class = EVALUATORS.get(plan["evaluator"]["name"])
@@ -139,8 +141,11 @@ def _compare(rescored: list[dict], run_records: list[dict]) -> list[dict]:
 
 
 def rescore(path: str | Path, defense: str, model: str | None = None, concept: str | None = None,
-            sets: list[str] | None = None, output: Path = Path("runs")) -> dict:
-    """Rescore every artifact under ``path``; return the ASRs, the run's ASRs and every difference."""
+            sets: list[str] | None = None, output: Path = Path("runs"), show_progress: bool = False) -> dict:
+    """Rescore every artifact under ``path``; return the ASRs, the run's ASRs and every difference.
+
+    ``show_progress`` shows progress bars (on stderr) for a defense that has to run again and for the artifacts.
+    """
     from benchmark.results import read_records
     from benchmark.runner import Runner, RunRequest, resolve
 
@@ -150,10 +155,11 @@ def rescore(path: str | Path, defense: str, model: str | None = None, concept: s
     manifest_path = run_dir / "manifest.json" if run_dir else None
 
     if manifest_path and manifest_path.exists():
-        resolved = resolve_from_manifest(json.loads(manifest_path.read_text()), defense, model, output)
+        resolved = resolve_from_manifest(json.loads(manifest_path.read_text()), defense, model, output,
+                                         show_progress=show_progress)
     elif concept:
         resolved = resolve(RunRequest(defense=defense, attack="none", concept=concept, model=model,
-                                      sets=list(sets or []), output=output, show_progress=False))
+                                      sets=list(sets or []), output=output, show_progress=show_progress))
     else:
         raise RescoreError(f"{folder} has no run manifest beside it; pass --concept (and --set options the run "
                            "used) so the evaluator and the erasure can be rebuilt")
@@ -165,7 +171,8 @@ def rescore(path: str | Path, defense: str, model: str | None = None, concept: s
     model_mismatches = [a["prompt_id"] for a in artifacts if a.get("target_model_sha256") not in (None, erased_sha256)]
 
     extras = {record.id: record.extra for record in resolved.prompt_set.records}
-    rescored = [_rescore_artifact(runner, artifact, extras) for artifact in artifacts]
+    progress = tqdm(artifacts, desc="rescore", unit="prompt", disable=not show_progress, leave=False)
+    rescored = [_rescore_artifact(runner, artifact, extras) for artifact in progress]
     rates = attack_success_rates(rescored)
 
     result = {

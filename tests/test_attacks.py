@@ -472,6 +472,16 @@ def test_rescore_rejects_other_defense(tmp_path, capsys):
     assert "pass --defense none" in capsys.readouterr().err
 
 
+def test_rescore_hides_progress_bar(tmp_path, capsys):
+    run_dir = _run(capsys, "--set", "run.max_prompts=2", "--output", str(tmp_path))
+
+    assert main(["rescore", str(run_dir), "--defense", "none"]) == 0
+    assert "rescore" in capsys.readouterr().err
+
+    assert main(["rescore", str(run_dir), "--defense", "none", "--no-progress"]) == 0
+    assert "rescore" not in capsys.readouterr().err
+
+
 def test_rescore_detects_changed_outcome(tmp_path, capsys):
     run_dir = _run(capsys, "--set", "run.max_prompts=2", "--output", str(tmp_path))
     lines = (run_dir / "records.jsonl").read_text().splitlines()
