@@ -48,9 +48,11 @@ def _add_sweep_parser(commands) -> None:
                     "folder that `run` writes. Rerunning the same command resumes. See docs/sweeps.md.",
     )
     parser.add_argument("--defenses", "--defense", dest="defenses", default="none",
-                        help="comma-separated defense names, e.g. esd-x,advunlearn (default: none)")
+                        help="comma-separated defense names, e.g. esd-x,advunlearn; the family esd stands for esd-x and "
+                             "esd-u (default: none)")
     parser.add_argument("--attacks", "--attack", dest="attacks", default="none",
-                        help="comma-separated attack names, e.g. none,unlearndiffatk,p4d-n (default: none)")
+                        help="comma-separated attack names, e.g. none,unlearndiffatk,p4d-n; the family p4d stands for p4d-n "
+                             "and p4d-k (default: none)")
     parser.add_argument("--concepts", "--concept", dest="concepts",
                         help="comma-separated concept names or YAML files (default: the default world's circle)")
     parser.add_argument("--model", "--models", dest="model",

@@ -23,6 +23,10 @@ or, from an installed package, with an entry point in its ``pyproject.toml``::
 
 A plug-in that fails to import raises ``PluginLoadError`` with its name and the original error;
 it is never skipped. An unknown name raises ``UnknownPluginError`` listing the valid names.
+
+A family name stands for several plug-ins in a sweep's matrix; ``run`` takes one plug-in::
+
+    DEFENSES.expand(["esd", "advunlearn"])   # ('esd-x', 'esd-u', 'advunlearn')
 """
 
 from __future__ import annotations
@@ -70,8 +74,11 @@ def import_object(path: str) -> Any:
 class Registry:
     """Plug-ins of one kind, by name, loaded lazily."""
 
-    def __init__(self, kind: str, builtins: dict[str, str] | None = None, populate: str | None = None) -> None:
+    def __init__(self, kind: str, builtins: dict[str, str] | None = None, populate: str | None = None,
+                 families: dict[str, tuple[str, ...]] | None = None) -> None:
         self.kind = kind
+        # Family name -> the plug-ins it stands for in a sweep, such as "p4d" for p4d-n and p4d-k.
+        self.families = dict(families or {})
         # A module that registers this kind's built-in entries when imported (shipped concept files).
         self._populate = populate
         self.entry_point_group = f"{ENTRY_POINT_PREFIX}.{kind}s"
@@ -143,6 +150,18 @@ class Registry:
                 entry.loaded = entry.target
         return entry.loaded
 
+    def expand(self, names) -> tuple[str, ...]:
+        """Replace each family name in ``names`` by its members, in order; repeats are kept.
+
+        A registered plug-in name is never expanded, even if a family has the same name.
+        """
+        self._scan_entry_points()
+        expanded: list[str] = []
+        for name in names:
+            is_family = name in self.families and name not in self._entries
+            expanded.extend(self.families[name] if is_family else (name,))
+        return tuple(expanded)
+
     def describe(self, name: str) -> str:
         """Return the plug-in's one-line description: its ``description`` or its docstring's first line."""
         plugin = self.get(name)
@@ -152,6 +171,9 @@ class Registry:
     def _unknown_message(self, name: str) -> str:
         valid = sorted(self._entries)
         message = f"unknown {self.kind} {name!r}; available: {', '.join(valid) if valid else '(none registered)'}"
+        if name in self.families:
+            members = ", ".join(self.families[name])
+            return message + f". {name!r} is a family name ({members}): pass one of them; only sweep expands families"
         close = difflib.get_close_matches(name, valid, n=1)
         if close:
             message += f". Did you mean {close[0]!r}?"
@@ -164,7 +186,7 @@ ATTACKS = Registry("attack", {
     "p4d-n": "attacks.p4d:P4DN",
     "p4d-k": "attacks.p4d:P4DK",
     "cce": "attacks.cce:CCE",
-})
+}, families={"p4d": ("p4d-n", "p4d-k")})
 
 DEFENSES = Registry("defense", {
     "none": "defenses.no_defense:NoDefense",
@@ -174,7 +196,7 @@ DEFENSES = Registry("defense", {
     "fmn": "defenses.fmn:ForgetMeNot",
     "advunlearn": "defenses.advunlearn:AdvUnlearn",
     "checkpoint": "defenses.checkpoints:PublishedCheckpoint",
-})
+}, families={"esd": ("esd-x", "esd-u")})
 
 EVALUATORS = Registry("evaluator", {
     "world-classifier": "evaluators.world_classifier:WorldClassifier",

@@ -28,6 +28,25 @@ def test_close_name_is_suggested():
         registry.get("unlearndifatk")
 
 
+def test_family_expands_to_members():
+    assert DEFENSES.expand(["esd", "advunlearn"]) == ("esd-x", "esd-u", "advunlearn")
+    assert ATTACKS.expand(["none", "p4d"]) == ("none", "p4d-n", "p4d-k")
+
+
+def test_family_expansion_keeps_repeats():
+    assert DEFENSES.expand(["esd-u", "esd"]) == ("esd-u", "esd-x", "esd-u")
+
+
+def test_registered_name_shadows_family():
+    registry = Registry("attack", {"p4d": "attacks.no_attack:NoAttack"}, families={"p4d": ("p4d-n", "p4d-k")})
+    assert registry.expand(["p4d"]) == ("p4d",)
+
+
+def test_family_name_alone_is_explained():
+    with pytest.raises(UnknownPluginError, match=r"'esd' is a family name \(esd-x, esd-u\): pass one of them"):
+        DEFENSES.get("esd")
+
+
 def test_import_failure_names_plugin_and_error():
     registry = Registry("defense", {"broken": "no_such_module_anywhere:Thing"})
     with pytest.raises(PluginLoadError) as error:

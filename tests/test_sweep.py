@@ -101,6 +101,14 @@ def test_dry_run_orders_erasures_before_shards(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+def test_dry_run_expands_families(tmp_path, capsys):
+    units = plan(capsys, "--defenses", "esd,advunlearn", "--attacks", "none,p4d", "--set", "run.max_prompts=1",
+                 "--output", str(tmp_path))
+    cells = {(unit["request"]["defense"], unit["request"]["attack"]) for unit in units if unit["kind"] == "merge"}
+    assert cells == {(defense, attack) for defense in ("esd-x", "esd-u", "advunlearn")
+                     for attack in ("none", "p4d-n", "p4d-k")}
+
+
 def test_dry_run_folders_match_run(tmp_path, capsys):
     units = plan(capsys, *WORLD, "--output", str(tmp_path))
     assert main(["run", "--dry-run", "--defense", "esd-x", *BUDGET, "--output", str(tmp_path)]) == 0
@@ -148,6 +156,7 @@ def test_shard_slices_partition_units(tmp_path, capsys, count):
     (["--prompts-per-shard", "0"], "invalid --prompts-per-shard 0"),
     (["--ray-num-cpus", "2"], "apply only to --executor ray"),
     (["--defenses", "none,none"], "twice"),
+    (["--defenses", "esd,esd-u"], "twice"),
     (["--set", "defense.iterations=2", "--defenses", "none"], "unknown key defense.iterations"),
 ])
 def test_bad_input_is_named(tmp_path, capsys, arguments, fragment):

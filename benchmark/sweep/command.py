@@ -19,8 +19,13 @@ def _names(value: str | None) -> tuple:
 
 
 def spec_from_args(args) -> SweepSpec:
+    from benchmark.registry import ATTACKS, DEFENSES
+
+    defenses, attacks = _names(args.defenses), _names(args.attacks)
     return SweepSpec(
-        defenses=_names(args.defenses), attacks=_names(args.attacks), concepts=_names(args.concepts),
+        defenses=defenses if defenses == (None,) else DEFENSES.expand(defenses),
+        attacks=attacks if attacks == (None,) else ATTACKS.expand(attacks),
+        concepts=_names(args.concepts),
         models=_names(args.model), model_config=args.model_config, prompts=args.prompts,
         config_file=args.config_file, sets=tuple(args.sets), output=str(args.output),
         prompts_per_shard=args.prompts_per_shard,
