@@ -383,6 +383,16 @@ def describe_passes(passes: dict[PassKind, float], module: str) -> str:
     return ", ".join(parts) or "none"
 
 
+def count_noun(count: int, singular: str, plural: str | None = None) -> str:
+    """Return the count followed by the noun in singular or plural, such as "1 image" or "8 images"."""
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"
+
+
+def images_phrase(count: int, side: int) -> str:
+    """Return e.g. "8 images of 512 x 512 pixels"."""
+    return f"{count_noun(count, 'image')} of {side} x {side} pixels"
+
+
 # ----------------------------------------------------------------------------------------
 # Models, concepts and method configs
 
@@ -721,7 +731,8 @@ def measure_cce(model, model_name: str, repeats: Repeats) -> dict:
     _, config = method_config("attack", "cce", base)
     how = (f"attack() with max_train_steps {repeats.short_run} and {repeats.long_run}; "
            "the time difference divided by the update difference")
-    notes = [f"one update is {config.gradient_accumulation_steps} micro-batch(es) of {config.train_batch_size}"]
+    micro_batches = count_noun(config.gradient_accumulation_steps, "micro-batch", "micro-batches")
+    notes = [f"one update is {micro_batches} of {config.train_batch_size}"]
     row = step_row("cce", "attack", times, sampler, how, notes)
     row["details"]["run_seconds"] = timings
     return row
@@ -901,7 +912,7 @@ def measure_world_classifier(repeats: Repeats) -> dict:
             for tensor in tensors:
                 evaluator.model(tensor)
 
-    how = f"score() of {len(images)} 32 x 32 images, one per forward pass, against model(tensor) per image"
+    how = f"score() of {images_phrase(len(images), 32)}, one per forward pass, against model(tensor) per image"
     return throughput_row("world-classifier", len(images), lambda: evaluator.score(images), raw, repeats, how)
 
 
@@ -918,7 +929,7 @@ def measure_nudenet(repeats: Repeats) -> dict:
         for image in bgr:
             detector.detect(image)
 
-    how = (f"score() of {count} 512 x 512 images against NudeDetector.detect per image (nudenet's own "
+    how = (f"score() of {images_phrase(count, 512)} against NudeDetector.detect per image (nudenet's own "
            "preprocessing, ONNX session and box decoding); onnxruntime picks its own thread count")
     return throughput_row("nudenet", count, lambda: evaluator.score(images), raw, repeats, how,
                           {"detector": str(evaluator.model_path)})
@@ -1056,8 +1067,9 @@ def measure_evaluator(name: str, evaluator, repeats: Repeats) -> dict:
 
     targets = [{"artist": "vincent van gogh"}] * count
     return throughput_row(name, count, lambda: evaluator.score(images, targets), raw, repeats,
-                          f"score() of {count} 512 x 512 images against forward passes of the classifier on "
-                          f"preprocessed inputs. Each pass takes {size} image(s), as the evaluator's passes do")
+                          f"score() of {images_phrase(count, 512)} against forward passes of the classifier on "
+                          f"preprocessed inputs. Each pass takes {count_noun(size, 'image')}, as the evaluator's "
+                          "passes do")
 
 
 # ----------------------------------------------------------------------------------------
@@ -1228,9 +1240,15 @@ TABLE_HEADER = ("| model | measurement | measured | baseline | ratio | ratio wit
 
 
 def short_reason(reason: str, limit: int = 80) -> str:
-    """Return the reason's first clause, cut to ``limit`` characters, for a table cell."""
-    first = reason.split(";")[0].split(". ")[0].replace("|", "/")
-    return first if len(first) <= limit else first[: limit - 3] + "..."
+    """Return the reason's first clause for a table cell, cut at a word boundary to at most ``limit`` characters."""
+    first = reason.split(";")[0].split(". ")[0].replace("|", "/").replace("\n", " ")
+    if len(first) <= limit:
+        return first
+    # Keep room for the ellipsis. A first word longer than the limit is cut inside the word.
+    cut = first[: limit - 1]
+    if first[limit - 1] != " " and " " in cut:
+        cut = cut.rsplit(" ", 1)[0]
+    return cut.rstrip(" ,:") + "…"
 
 
 def table_lines(rows: list[dict], full_reasons: bool = True) -> list[str]:
@@ -1283,8 +1301,13 @@ def method_notes(rows: list[dict]) -> list[str]:
                      f"{details['text_encoder_passes_per_step']}; with them the floor is "
                      f"{format_seconds(row['baseline_seconds'] + details['text_encoder_floor_seconds'])} and the "
                      f"ratio {details['ratio_to_unet_and_text_encoder']:.2f}."
-                     + "".join(f" {note[0].upper()}{note[1:].rstrip('.')}." for note in details["notes"]))
+                     + notes_text(details["notes"]))
     return lines
+
+
+def notes_text(notes: list[str]) -> str:
+    """Join a row's notes as sentences, each starting with a capital letter."""
+    return "".join(f" {note[0].upper() + note[1:].rstrip('.')}." for note in notes)
 
 
 def row_label(row: dict) -> str:
@@ -1305,8 +1328,100 @@ def other_notes(rows: list[dict]) -> list[str]:
             lines.append(f"- **{row_label(row)}** {row['status']}: {row['reason']}")
         elif row["kind"] in ("generation", "evaluator", "batched-attack"):
             lines.append(f"- **{row_label(row)}**: {row['details']['how']}."
-                         + "".join(f" {note[0].upper()}{note[1:].rstrip('.')}." for note in row["details"]["notes"]))
+                         + notes_text(row["details"]["notes"]))
     return lines
+
+
+def smoke_note(models: list[str]) -> str:
+    """Return the smoke page's warning that its numbers only check that the script runs."""
+    models_text = "tiny-random, a tiny random-weight model," if models == ["tiny-random"] else ", ".join(models) + ","
+    return (f"In smoke mode each number comes from one repeat on {models_text} so these numbers only check that the "
+            "script runs, and their ratios and pass/MISS verdicts mean nothing.")
+
+
+def attack_cost_paragraph(report: dict) -> str:
+    """Explain the attack steps' work beyond their UNet passes, with only the sentences that the rows support.
+
+    The default world's sentences need measured world attack rows, the full-size sentences need
+    measured rows of that model, and the sentences about 512 pixels need rows at that resolution.
+    """
+    measured = [row for row in report["rows"] if row["status"] == "measured"]
+    attack_models = {row["model"] for row in measured if row["kind"] == "attack"}
+    full_size_attack = any(model.partition("@")[0] == FULL_SIZE_MODEL for model in attack_models)
+    esd_u_models = {row["model"] for row in measured if (row["kind"], row["name"]) == ("defense", "esd-u")}
+    at_reference = any(row.get("model") == FULL_SIZE_AT_REFERENCE for row in measured)
+    sentences = []
+    if attack_models:
+        sentences.append(
+            "Beyond its UNet passes, each attack step runs work that the reference methods run too. Every "
+            "attack backpropagates through the text encoder, which is not a UNet pass. UnlearnDiffAtk samples "
+            "k tokens from k x 49,408 distributions, takes the gradient of the one-hot rows (a k x width by "
+            "width x 49,408 product) and projects the rows back onto the simplex. P4D searches all 49,408 "
+            "unit-length token embeddings for each learned token.")
+    if "world" in attack_models:
+        sentences.append(
+            "On the default world a forward and backward pass of the text encoder costs about a sixth of one of "
+            f"the small UNet. So on the default world no attack step can come within {STEP_TARGET}x of its UNet "
+            "passes alone, and the column with the text encoder shows how much of the rest is the method's own work.")
+    if full_size_attack:
+        sentences.append(
+            "On the full-size architecture the text encoder's share shrinks as the resolution grows, because the "
+            "UNet's cost grows with the latent size and the text encoder's does not.")
+    if at_reference:
+        sentences.append(f"The rows at {REFERENCE_RESOLUTION} pixels, SD v1.4's resolution, measure the steps as "
+                         "they run there.")
+    if any(model and model.partition("@")[0] == FULL_SIZE_MODEL for model in esd_u_models):
+        both_resolutions = {FULL_SIZE_MODEL, FULL_SIZE_AT_REFERENCE} <= esd_u_models
+        sentences.append(
+            "ESD-u on the full-size model trains 813 M UNet parameters, and its Adam update, which reads and "
+            "writes four tensors of that size, is part of the step but not a UNet pass. That update costs the "
+            "same at every resolution"
+            + (f", so it weighs on the step at {report['settings']['resolution']} pixels and hardly at "
+               f"{REFERENCE_RESOLUTION}." if both_resolutions else "."))
+    return " ".join(sentences)
+
+
+# Static usage section at the end of the page. It states what main() and merge_reports() do.
+USAGE_LINES = [
+    "## Running the benchmarks",
+    "",
+    "Run these from the repository root. Every command writes `benchmarks.md` and `benchmarks.json` into "
+    "`docs/` unless `--output-dir` names another folder, so a run without `--output-dir` replaces this page.",
+    "",
+    "```sh",
+    "# Full mode: the default world, sd-v1-4-random at 128 pixels, its method steps at 512 pixels and a",
+    "# whole default run. Rewrites docs/benchmarks.md and docs/benchmarks.json; takes hours on a 2-core CPU.",
+    "python benchmarks/run_benchmarks.py",
+    "",
+    "# Quick mode: the default world only, fewer repeats, no whole run; a few minutes.",
+    "python benchmarks/run_benchmarks.py --quick --output-dir /tmp/bench-quick",
+    "",
+    "# Smoke mode: one repeat of everything on tiny-random, in this process; only checks that the script runs.",
+    "python benchmarks/run_benchmarks.py --smoke --output-dir /tmp/bench-smoke",
+    "",
+    "# Measure one row again (ESD-u at 512 pixels) into a copy of this page.",
+    "mkdir -p /tmp/bench && cp docs/benchmarks.json /tmp/bench/",
+    "python benchmarks/run_benchmarks.py --model sd-v1-4-random@512 --only defense/esd-u --output-dir /tmp/bench",
+    "",
+    "# Measure nothing: rewrite benchmarks.md from the benchmarks.json in --output-dir (default docs/).",
+    "python benchmarks/run_benchmarks.py --render-only",
+    "```",
+    "",
+    "`--only` takes comma-separated measurements as `kind/name`, such as `attack/p4d-n,defense/fmn` or "
+    "`run/default`. `--model` takes comma-separated models: `world`, `tiny-random`, `sd-v1-4-random`, or "
+    f"`{FULL_SIZE_AT_REFERENCE}` for the full-size architecture at {REFERENCE_RESOLUTION} pixels. Without "
+    "`--model`, smoke mode measures tiny-random, quick mode world, and full mode "
+    f"{', '.join(DEFAULT_MODELS['full'])}.",
+    "",
+    "When the output folder already holds a `benchmarks.json`, an `--only` run merges into it. Each measured row "
+    "replaces the row of the same kind, name and model, a row that has no match is added, and every other row "
+    "stays. The settings stay those of the earlier run, and the paragraph about the machine lists the update "
+    "and its date. The earlier file must come from the same mode, or the script stops with an error. Without an "
+    "earlier `benchmarks.json`, the page holds only the rows just measured. So the example above leaves in "
+    "`/tmp/bench` the whole page with its ESD-u row at 512 pixels measured again, and the same command "
+    "without `--output-dir` updates `docs/` in place.",
+    "",
+]
 
 
 def write_page(report: dict, output_dir: Path) -> None:
@@ -1323,6 +1438,7 @@ def write_page(report: dict, output_dir: Path) -> None:
         + {"quick": " --quick", "smoke": " --smoke", "full": ""}[settings["mode"]]
         + "`; do not edit by hand. The same numbers are in `benchmarks.json`.",
         "",
+        *([smoke_note(settings["models"]), ""] if settings["mode"] == "smoke" else []),
         f"Measured on {report['date']} on {machine['platform']} ({machine['processor']}, "
         f"{machine['cpu_count']} CPUs), Python {machine['python']}, torch {machine['torch']}, with one torch "
         "thread for every measurement. Other jobs shared the machine, so absolute times are noisy. Each ratio "
@@ -1353,7 +1469,9 @@ def write_page(report: dict, output_dir: Path) -> None:
         f"calls (target >= {THROUGHPUT_TARGET} of their throughput); evaluator rows marked random weights "
         "load random weights of the real architecture, because the real weights are not on the machine. "
         f"Batched-attack rows: prompts per second of one batched run against sequential runs (target >= "
-        f"{BATCH_TARGET}). Peak RSS is the measuring process's ru_maxrss, model loading included.",
+        f"{BATCH_TARGET}). Peak RSS is the measuring process's ru_maxrss, model loading included."
+        + (" A skipped or failed row shows the start of its reason, and the notes below the table give it in full."
+           if any(row["status"] != "measured" for row in report["rows"]) else ""),
         "",
         *table_lines(report["rows"], full_reasons=False),
         "",
@@ -1365,20 +1483,7 @@ def write_page(report: dict, output_dir: Path) -> None:
         "",
         *method_notes(report["rows"]),
         "",
-        "Beyond its UNet passes, each attack step runs work that the reference methods run too. Every "
-        "attack backpropagates through the text encoder, which is not a UNet pass. UnlearnDiffAtk samples "
-        "k tokens from k x 49,408 distributions, takes the gradient of the one-hot rows (a k x width by "
-        "width x 49,408 product) and projects the rows back onto the simplex. P4D searches all 49,408 "
-        "unit-length token embeddings for each learned token. On the default world a forward and backward "
-        "pass of the text encoder costs about a sixth of one of the small UNet. So there no attack step "
-        "can come within 1.1x of its UNet passes alone, and the column with the text encoder shows how "
-        "much of the rest is the method's own work. On the full-size architecture the text encoder's "
-        "share shrinks as the resolution grows, because the UNet's cost grows with the latent size and "
-        "the text encoder's does not. The rows at 512 pixels, SD v1.4's resolution, measure the steps as "
-        "they run there. ESD-u on the full-size model trains 813 M UNet parameters, and its Adam update, "
-        "which reads and writes four tensors of that size, is part of the step but not a UNet pass. That "
-        "update costs the same at every resolution, so it weighs on the step at 128 pixels and hardly at 512.",
-        "",
+        *([attack_costs, ""] if (attack_costs := attack_cost_paragraph(report)) else []),
         "## Generation, evaluators, batched attacks, the whole run and skipped rows",
         "",
         *other_notes(report["rows"]),
@@ -1390,6 +1495,7 @@ def write_page(report: dict, output_dir: Path) -> None:
         "`generation.precision` (`bf16` or `fp16` autocast, meant for CUDA) and `generation.compile` "
         "(torch.compile of the UNet) are off in these measurements.",
         "",
+        *USAGE_LINES,
     ]
     (output_dir / "benchmarks.md").write_text("\n".join(lines))
 
@@ -1489,8 +1595,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                        help="one repeat of everything in this process; checks the script, numbers are not meaningful")
     parser.set_defaults(mode="full")
     parser.add_argument("--model", default="",
-                        help="comma-separated models (world, tiny-random, sd-v1-4-random); default: world in "
-                             "--quick, world and sd-v1-4-random otherwise, tiny-random in --smoke")
+                        help="comma-separated models (world, tiny-random, sd-v1-4-random, or sd-v1-4-random@512 "
+                             "for 512 pixels); default: world in --quick, tiny-random in --smoke, world, "
+                             "sd-v1-4-random and sd-v1-4-random@512 otherwise")
     parser.add_argument("--resolution", type=int, default=128,
                         help="image side in pixels for sd-v1-4-random (default 128, i.e. 16 x 16 latents)")
     parser.add_argument("--output-dir", type=Path, default=REPO / "docs",
