@@ -22,8 +22,8 @@ def _add_run_parser(commands) -> None:
         description="Run defense x attack cells on a concept. Without --model and --concept this runs the "
                     "embedded default world and its default concept. Comma-separated lists run every combination.",
     )
-    parser.add_argument("--defense", default="none", help="defense name(s), e.g. advunlearn or none,esd-x")
-    parser.add_argument("--attack", default="none", help="attack name(s), e.g. unlearndiffatk or none,p4d-n")
+    parser.add_argument("--defense", default="none", help="defense name(s), e.g. advunlearn or none,esd-x; the family esd stands for esd-x,esd-u")
+    parser.add_argument("--attack", default="none", help="attack name(s), e.g. unlearndiffatk or none,p4d-n; the family p4d stands for p4d-n,p4d-k")
     parser.add_argument("--concept", help="concept name or concept YAML file (default: the default world's circle)")
     parser.add_argument("--model", help="registered model, local diffusers folder, .ckpt/.safetensors file or "
                                         "cached Hugging Face id (default: the concept's model)")
@@ -150,7 +150,8 @@ def _add_rescore_parser(commands) -> None:
     )
     parser.add_argument("path", type=Path, metavar="RUN_DIR_OR_ARTIFACTS",
                         help="a run folder, or its artifacts/ folder")
-    parser.add_argument("--defense", required=True, help="the defense the run attacked, e.g. esd-u or none")
+    parser.add_argument("--defense", help="the defense the run attacked, e.g. esd-u or none (default: the one in "
+                                          "the run's manifest; needed only when no manifest is found)")
     parser.add_argument("--model", help="model to load instead of the run's (default: the run's model)")
     parser.add_argument("--concept", help="concept name or YAML file, needed only when no run manifest is found")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -222,7 +223,10 @@ def command_rescore(args) -> int:
 def command_run(args) -> int:
     from benchmark.runner import Runner, RunRequest, resolve
 
-    cells = list(itertools.product(_split(args.defense), _split(args.attack)))
+    from benchmark.registry import ATTACKS, DEFENSES
+
+    cells = list(itertools.product(DEFENSES.parse_list(args.defense, "--defense"),
+                                   ATTACKS.parse_list(args.attack, "--attack")))
     resolved_cells = []
     for defense, attack in cells:
         request = RunRequest(
@@ -381,8 +385,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if getattr(args, "no_progress", False):
+        from benchmark.progress import library_progress_bars
+
+        library_progress_bars(False)
+
     try:
         return COMMANDS[args.command](args)
     except _user_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resume = " Finished prompts and units are saved: run the same command again to resume."
+        print(f"interrupted.{resume if args.command in ('run', 'sweep') else ''}", file=sys.stderr)
+        return 130

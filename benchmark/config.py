@@ -30,9 +30,14 @@ class ConfigError(ValueError):
     """A configuration key or value is invalid."""
 
 
-def bounds(*, min: float | None = None, max: float | None = None, choices: tuple | None = None) -> dict:
-    """Field metadata: inclusive numeric bounds or a fixed set of valid values."""
-    return {"min": min, "max": max, "choices": choices}
+def bounds(*, min: float | None = None, max: float | None = None, choices: tuple | None = None,
+           result_neutral: bool = False) -> dict:
+    """Field metadata: inclusive numeric bounds or a fixed set of valid values.
+
+    ``result_neutral`` marks a field that cannot change results, such as a checkpoint interval:
+    it is recorded with the config but left out of the run key and the erasure cache key.
+    """
+    return {"min": min, "max": max, "choices": choices, "result_neutral": result_neutral}
 
 
 def _type_name(annotation: Any) -> str:
@@ -103,7 +108,11 @@ def _check_bounds(value: Any, metadata: Mapping, key: str) -> None:
         raise ConfigError(f"{key}: {value!r} is above the maximum {high}")
 
 
-def _unknown_key_message(key: str, section: str, valid: list[str]) -> str:
+def _unknown_key_message(key: str, section: str, valid: list[str], plugin: str | None = None) -> str:
+    if not valid:
+        owner = f"{section} {plugin!r}" if plugin else f"this {section}"
+        return (f"unknown key {section}.{key}: {owner} takes no settings; to set {key} for one {section} only, "
+                f"use {section}/<name>.{key}")
     message = f"unknown key {section}.{key}; valid keys of {section}: {', '.join(valid)}"
     prefixed = [name for name in valid if key.startswith(name + "_") or name.startswith(key + "_")]
     close = prefixed or difflib.get_close_matches(key, valid, n=1)
@@ -112,15 +121,18 @@ def _unknown_key_message(key: str, section: str, valid: list[str]) -> str:
     return message
 
 
-def build_config(config_class: type, values: Mapping[str, Any] | None, section: str):
-    """Create ``config_class`` from ``values``, checking every key, type and bound."""
+def build_config(config_class: type, values: Mapping[str, Any] | None, section: str, plugin: str | None = None):
+    """Create ``config_class`` from ``values``, checking every key, type and bound.
+
+    ``plugin`` is the name of the plug-in the config belongs to, for error messages.
+    """
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     hints = typing.get_type_hints(config_class)
     values = dict(values or {})
 
     for key in values:
         if key not in fields:
-            raise ConfigError(_unknown_key_message(key, section, sorted(fields)))
+            raise ConfigError(_unknown_key_message(key, section, sorted(fields), plugin))
 
     arguments = {}
     for name, field in fields.items():
@@ -140,6 +152,16 @@ def build_config(config_class: type, values: Mapping[str, Any] | None, section: 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """Return a JSON-ready dict of a config dataclass (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def identity_settings(config: Any) -> dict[str, Any]:
+    """Return ``config_to_dict(config)`` without the fields marked ``result_neutral``."""
+    settings = config_to_dict(config)
+    if dataclasses.is_dataclass(config):
+        for field in dataclasses.fields(config):
+            if field.metadata.get("result_neutral"):
+                settings.pop(field.name, None)
+    return settings
 
 
 def config_hash_source(config: Any) -> str:

@@ -13,7 +13,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from benchmark.config import config_to_dict
+from benchmark.config import config_to_dict, identity_settings
 
 
 @dataclass
@@ -31,6 +31,10 @@ class Plugin:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "config": config_to_dict(self.config)}
+
+    def identity(self) -> dict[str, Any]:
+        """``describe()`` without the config fields that cannot change results; cache keys hash this."""
+        return {"name": self.name, "version": self.version, "config": identity_settings(self.config)}
 
 
 # ----------------------------------------------------------------------------------------

@@ -24,9 +24,10 @@ or, from an installed package, with an entry point in its ``pyproject.toml``::
 A plug-in that fails to import raises ``PluginLoadError`` with its name and the original error;
 it is never skipped. An unknown name raises ``UnknownPluginError`` listing the valid names.
 
-A family name stands for several plug-ins in a sweep's matrix; ``run`` takes one plug-in::
+A family name stands for several plug-ins in the name lists of ``run`` and ``sweep``::
 
-    DEFENSES.expand(["esd", "advunlearn"])   # ('esd-x', 'esd-u', 'advunlearn')
+    DEFENSES.expand(["esd", "advunlearn"])             # ('esd-x', 'esd-u', 'advunlearn')
+    ATTACKS.parse_list("none,p4d", "--attacks")        # ('none', 'p4d-n', 'p4d-k')
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class Registry:
     def __init__(self, kind: str, builtins: dict[str, str] | None = None, populate: str | None = None,
                  families: dict[str, tuple[str, ...]] | None = None) -> None:
         self.kind = kind
-        # Family name -> the plug-ins it stands for in a sweep, such as "p4d" for p4d-n and p4d-k.
+        # Family name -> the plug-ins it stands for in a name list, such as "p4d" for p4d-n and p4d-k.
         self.families = dict(families or {})
         # A module that registers this kind's built-in entries when imported (shipped concept files).
         self._populate = populate
@@ -162,6 +163,25 @@ class Registry:
             expanded.extend(self.families[name] if is_family else (name,))
         return tuple(expanded)
 
+    def parse_list(self, value: str, option: str) -> tuple[str, ...]:
+        """Split a comma-separated ``option`` value into plug-in names, with families expanded.
+
+        An empty list and a name listed twice (also through a family) raise ``PluginError``.
+        """
+        names = [part.strip() for part in value.split(",") if part.strip()]
+        if not names:
+            raise PluginError(f"{option} is empty; pass one or more {self.kind} names separated by commas; "
+                              f"available: {', '.join(self.names())}")
+
+        expanded = self.expand(names)
+        repeated = sorted({name for name in expanded if expanded.count(name) > 1})
+        if repeated:
+            families = [f"{name} = {','.join(self.families[name])}" for name in names
+                        if name in self.families and name not in self._entries]
+            via = f" (after expanding {'; '.join(families)})" if families else ""
+            raise PluginError(f"{option} lists {', '.join(repeated)} twice{via}; remove the repeated name")
+        return expanded
+
     def describe(self, name: str) -> str:
         """Return the plug-in's one-line description: its ``description`` or its docstring's first line."""
         plugin = self.get(name)
@@ -173,7 +193,7 @@ class Registry:
         message = f"unknown {self.kind} {name!r}; available: {', '.join(valid) if valid else '(none registered)'}"
         if name in self.families:
             members = ", ".join(self.families[name])
-            return message + f". {name!r} is a family name ({members}): pass one of them; only sweep expands families"
+            return message + f". {name!r} is a family name ({members}): pass one of them"
         close = difflib.get_close_matches(name, valid, n=1)
         if close:
             message += f". Did you mean {close[0]!r}?"

@@ -1,6 +1,6 @@
 """Re-generate and re-judge a run's images from its attack artifacts, without any attack code.
 
-    python -m benchmark rescore RUN_DIR --defense esd-u
+    python -m benchmark rescore RUN_DIR
 
 Each ``artifacts/<id>.json`` contains what the post-attack image needs: the adversarial text (or
 a safetensors file of text states), the seed and the guidance scale. The erased model comes from
@@ -61,12 +61,17 @@ def load_artifacts(folder: Path) -> list[dict]:
     return artifacts
 
 
-def resolve_from_manifest(manifest: dict, defense: str, model: str | None, output: Path, show_progress: bool = False):
-    """Rebuild the run's resolved components from its manifest; the attack becomes ``none``."""
+def resolve_from_manifest(manifest: dict, defense: str | None, model: str | None, output: Path,
+                          show_progress: bool = False):
+    """Rebuild the run's resolved components from its manifest; the attack becomes ``none``.
+
+    ``defense`` None means the run's defense; any other name must equal it.
+    """
     from benchmark.generation import Sampling
     from benchmark.runner import RunConfig, RunRequest, resolve
 
     plan = manifest["plan"]
+    defense = defense or plan["defense"]["name"]
     if plan["defense"]["name"] != defense:
         raise RescoreError(f"the run attacked defense {plan['defense']['name']!r}, not {defense!r}; "
                            f"pass --defense {plan['defense']['name']}")
@@ -140,7 +145,7 @@ def _compare(rescored: list[dict], run_records: list[dict]) -> list[dict]:
     return differences
 
 
-def rescore(path: str | Path, defense: str, model: str | None = None, concept: str | None = None,
+def rescore(path: str | Path, defense: str | None = None, model: str | None = None, concept: str | None = None,
             sets: list[str] | None = None, output: Path = Path("runs"), show_progress: bool = False) -> dict:
     """Rescore every artifact under ``path``; return the ASRs, the run's ASRs and every difference.
 
@@ -157,12 +162,12 @@ def rescore(path: str | Path, defense: str, model: str | None = None, concept: s
     if manifest_path and manifest_path.exists():
         resolved = resolve_from_manifest(json.loads(manifest_path.read_text()), defense, model, output,
                                          show_progress=show_progress)
-    elif concept:
+    elif concept and defense:
         resolved = resolve(RunRequest(defense=defense, attack="none", concept=concept, model=model,
                                       sets=list(sets or []), output=output, show_progress=show_progress))
     else:
-        raise RescoreError(f"{folder} has no run manifest beside it; pass --concept (and --set options the run "
-                           "used) so the evaluator and the erasure can be rebuilt")
+        raise RescoreError(f"{folder} has no run manifest beside it; pass --defense and --concept (and --set "
+                           "options the run used) so the evaluator and the erasure can be rebuilt")
 
     runner = Runner(resolved)
     runner._load()
@@ -177,7 +182,7 @@ def rescore(path: str | Path, defense: str, model: str | None = None, concept: s
 
     result = {
         "artifacts": str(folder),
-        "defense": defense,
+        "defense": resolved.defense_class.name,
         "model": resolved.model_name,
         "n_artifacts": len(artifacts),
         "pre_attack_asr": rates["pre_attack_asr"],

@@ -10,6 +10,7 @@ metrics that are available, and the time spent in each stage.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import logging
@@ -25,7 +26,8 @@ from tqdm import tqdm
 from benchmark import erasure
 from benchmark.concepts import Concept, resolve_concept
 from benchmark.config import (
-    ConfigError, bounds, build_config, config_to_dict, load_config_file, merge_layers, parse_set_option,
+    ConfigError, bounds, build_config, config_to_dict, identity_settings, load_config_file, merge_layers,
+    parse_set_option,
 )
 from benchmark.generation import (
     GeneratedImage, GenerationConfig, Sampling, generate_images, image_settings, to_uint8,
@@ -38,7 +40,7 @@ from benchmark.paths import cache_dir
 from benchmark.plugins import AttackContext, ErasureContext, Verdict
 from benchmark.prompts import PromptRecord, PromptSet
 from benchmark.provenance import environment
-from benchmark.registry import ATTACKS, DEFENSES, EVALUATORS, MODELS
+from benchmark.registry import ATTACKS, DEFENSES, EVALUATORS, MODELS, registry_for
 from benchmark.results import GRID, RunFolder
 
 logger = logging.getLogger(__name__)
@@ -139,6 +141,9 @@ class ResolvedRun:
         plan = self.plan()
         plan["run"] = {key: value for key, value in plan["run"].items()
                        if key not in ("device", "grid_rows", "threads", "self_test")}
+        for kind, config in (("defense", self.defense_config), ("attack", self.attack_config),
+                             ("evaluator", self.evaluator_config)):
+            plan[kind]["config"] = identity_settings(config)
         plan["generation"] = image_settings(plan["generation"])
         return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -154,23 +159,38 @@ class ResolvedRun:
 
 def _method_values(layer_list: list[dict] | dict, kind: str, name: str) -> dict:
     """Merge a method's values layer by layer, so a later generic section (``--set defense.lr``)
-    beats an earlier method-specific one (the model budget's ``defense/esd-x``)."""
+    beats an earlier method-specific one (the model budget's ``defense/esd-x``).
+
+    Within a layer the generic section comes first, then the section of the method's family
+    (``defense/esd`` for esd-x and esd-u), then the method's own section.
+    """
     if isinstance(layer_list, dict):
         layer_list = [layer_list]
+    families = [family for family, members in registry_for(kind).families.items() if name in members]
+    sections = [kind] + [f"{kind}/{family}" for family in families] + [f"{kind}/{name}"]
     values: dict = {}
     for layer in layer_list:
-        values.update((layer or {}).get(kind, {}))
-        values.update((layer or {}).get(f"{kind}/{name}", {}))
+        for section in sections:
+            values.update((layer or {}).get(section, {}))
     return values
 
 
 def _check_sections(layers: dict) -> None:
+    """Reject a section that is not a known section or a registered method's (or family's) section."""
     for section in layers:
-        kind = section.split("/", 1)[0]
-        if section in PLAIN_SECTIONS or section in METHOD_SECTIONS or ("/" in section and kind in METHOD_SECTIONS):
+        kind, _, name = section.partition("/")
+        if section in PLAIN_SECTIONS or section in METHOD_SECTIONS:
             continue
-        valid = ", ".join(PLAIN_SECTIONS + METHOD_SECTIONS)
-        raise ConfigError(f"unknown config section {section!r}; valid: {valid}, or 'defense/<name>' style sections")
+        if not name or kind not in METHOD_SECTIONS:
+            valid = ", ".join(PLAIN_SECTIONS + METHOD_SECTIONS)
+            raise ConfigError(f"unknown config section {section!r}; valid: {valid}, or 'defense/<name>' style sections")
+
+        registry = registry_for(kind)
+        if name not in registry and name not in registry.families:
+            close = difflib.get_close_matches(name, registry.names(), n=1)
+            hint = f"; did you mean {kind}/{close[0]}?" if close else ""
+            raise ConfigError(f"unknown config section {section!r}: no {kind} is named {name!r}; valid names: "
+                              f"{', '.join(registry.names() + sorted(registry.families))}{hint}")
 
 
 def model_budgets(model_name: str) -> dict:
@@ -217,10 +237,12 @@ def resolve(request: RunRequest) -> ResolvedRun:
         defense_class=defense_class,
         attack_class=attack_class,
         evaluator_class=evaluator_class,
-        defense_config=build_config(defense_class.Config, _method_values(layer_list, "defense", defense_class.name), "defense"),
-        attack_config=build_config(attack_class.Config, _method_values(layer_list, "attack", attack_class.name), "attack"),
+        defense_config=build_config(defense_class.Config, _method_values(layer_list, "defense", defense_class.name),
+                                    "defense", defense_class.name),
+        attack_config=build_config(attack_class.Config, _method_values(layer_list, "attack", attack_class.name),
+                                   "attack", attack_class.name),
         evaluator_config=build_config(evaluator_class.Config, _method_values(layer_list, "evaluator", evaluator_class.name),
-                                      "evaluator"),
+                                      "evaluator", evaluator_class.name),
         generation_config=generation_config,
         run_config=run_config,
         sampling=Sampling.resolve(generation_config, generation_defaults(model_name, request.model_config)),
@@ -296,7 +318,7 @@ class Runner:
         base_hashes = self.base_model.weights_sha256()
         concept_key = {"name": resolved.concept.name, "erase_phrase": resolved.concept.erase_phrase,
                        "retain_sha256": resolved.concept.retain.sha256 if resolved.concept.retain else None}
-        key = erasure.erasure_key(base_hashes, defense.describe(), concept_key, resolved.run_config.seed)
+        key = erasure.erasure_key(base_hashes, defense.identity(), concept_key, resolved.run_config.seed)
         cache_root = cache_dir() / "erased"
 
         with self.timer.measure("erase"):
@@ -533,10 +555,12 @@ class Runner:
             "clip-score": self._optional_metric("clip-score", lambda evaluator: evaluator.compute(
                 [pixels for pixels, _ in valid], [record.prompt for _, record in valid])),
         }
-        for metric in utility.values():
+        for name, metric in utility.items():
             metric.setdefault("n_prompts", len(records))
             metric.setdefault("n_invalid", len(records) - len(valid))
             metric.setdefault("prompt_set_sha256", retain.sha256)
+            if metric["status"] == "unavailable":
+                logger.warning("utility metric %s is unavailable and is recorded as such: %s", name, metric["reason"])
         cached.write_text(json.dumps(utility, indent=2, sort_keys=True))
         return utility
 

@@ -415,8 +415,6 @@ def _read_metadata(path: Path) -> dict[str, Any]:
 
 def resumable_settings(config: Any) -> dict:
     """Return the config as a dict without the fields that do not change results (the checkpoint interval)."""
-    from benchmark.config import config_to_dict
+    from benchmark.config import identity_settings
 
-    settings = config_to_dict(config)
-    settings.pop("checkpoint_every", None)
-    return settings
+    return identity_settings(config)

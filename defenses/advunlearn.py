@@ -91,7 +91,7 @@ class AdvUnlearnConfig:
     reference_word_count: bool = False
     reference_gradient_accumulation: bool = False
     reference_stale_attack: bool = False
-    checkpoint_every: int = field(default=200, metadata=bounds(min=0))
+    checkpoint_every: int = field(default=200, metadata=bounds(min=0, result_neutral=True))
 
 
 def prompt_length(model: ModelHandle, phrase: str, word_count: bool = False) -> int:

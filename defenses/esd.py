@@ -59,7 +59,7 @@ class ESDConfig:
     # Training image size in pixels; 0 uses the model's resolution (512 for SD v1.4).
     resolution: int = field(default=0, metadata=bounds(min=0))
     # Steps between resumable checkpoints in the erasure's work folder; 0 saves none.
-    checkpoint_every: int = field(default=200, metadata=bounds(min=0))
+    checkpoint_every: int = field(default=200, metadata=bounds(min=0, result_neutral=True))
 
 
 class ESD(Defense):

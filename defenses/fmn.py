@@ -79,7 +79,7 @@ class FMNConfig:
     ti_norm_target: float = field(default=0.4, metadata=bounds(min=0))
     # Training image size in pixels; 0 uses the model's resolution.
     resolution: int = field(default=0, metadata=bounds(min=0))
-    checkpoint_every: int = field(default=200, metadata=bounds(min=0))
+    checkpoint_every: int = field(default=200, metadata=bounds(min=0, result_neutral=True))
 
 
 # ----------------------------------------------------------------------------------------

@@ -465,6 +465,23 @@ def test_rescore_reproduces_tiny_run(tmp_path, capsys, attack, settings):
     assert result["n_artifacts"] == 2
 
 
+def test_rescore_reads_defense_from_manifest(tmp_path, capsys):
+    run_dir = _run(capsys, "--set", "run.max_prompts=1", "--output", str(tmp_path))
+
+    assert main(["rescore", str(run_dir), "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["defense"] == "none"
+    assert result["reproduced"] is True
+
+
+def test_rescore_without_manifest_needs_defense(tmp_path, capsys):
+    run_dir = _run(capsys, "--set", "run.max_prompts=1", "--output", str(tmp_path))
+
+    (run_dir / "manifest.json").unlink()
+    assert main(["rescore", str(run_dir / "artifacts"), "--concept", "circle"]) == 2
+    assert "pass --defense and --concept" in capsys.readouterr().err
+
+
 def test_rescore_rejects_other_defense(tmp_path, capsys):
     run_dir = _run(capsys, "--set", "run.max_prompts=1", "--output", str(tmp_path))
     code = main(["rescore", str(run_dir), "--defense", "esd-u"])

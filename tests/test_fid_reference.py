@@ -197,7 +197,7 @@ def test_world_run_measures_fid(tmp_path, capsys, inception_file):
     assert fid["weights_sha256"] == file_sha256(inception_file)
 
 
-def test_world_run_reports_missing_folder(tmp_path, capsys, inception_file, monkeypatch):
+def test_world_run_reports_missing_folder(tmp_path, capsys, caplog, inception_file, monkeypatch):
     monkeypatch.delenv("FID_UNSET_IMAGES", raising=False)
     concept = write_concept(tmp_path, "{folder: $FID_UNSET_IMAGES}")
     utility = run_world(tmp_path / "runs", capsys, concept,
@@ -206,6 +206,7 @@ def test_world_run_reports_missing_folder(tmp_path, capsys, inception_file, monk
     assert utility["fid"]["status"] == "unavailable"
     assert "$FID_UNSET_IMAGES" in utility["fid"]["reason"]
     assert "environment variable that is not set" in utility["fid"]["reason"]
+    assert "utility metric fid is unavailable" in caplog.text
 
 
 def test_fid_settings_come_from_section(tmp_path):

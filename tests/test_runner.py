@@ -113,15 +113,43 @@ def test_dry_run_resolves_without_computing(tmp_path, capsys):
     (["--defense", "esd-q"], "unknown defense 'esd-q'; available: "),
     (["--attack", "nope"], "unknown attack 'nope'"),
     (["--concept", "cirle"], "unknown concept 'cirle'"),
-    (["--set", "attack.k=5"], "unknown key attack.k; valid keys of attack: "),
+    (["--set", "attack.k=5"], "unknown key attack.k: attack 'none' takes no settings"),
+    (["--attack", "unlearndiffatk", "--set", "attack.kk=5"], "unknown key attack.kk; valid keys of attack: "),
     (["--set", "run.max_prompts=-1"], "run.max_prompts: -1 is below the minimum 0"),
     (["--set", "generation.sampler=heun"], "valid: , ddim, lms"),
     (["--set", "nonsense.key=1"], "unknown config section 'nonsense'"),
+    (["--set", "defense/esdx.iterations=3"], "no defense is named 'esdx'"),
+    (["--set", "attack/unlearndifatk.timesteps=2"], "did you mean attack/unlearndiffatk?"),
+    (["--defense", ""], "--defense is empty"),
+    (["--attack", ","], "--attack is empty"),
+    (["--defense", "none,none"], "--defense lists none twice"),
+    (["--defense", "esd,esd-u"], "lists esd-u twice (after expanding esd = esd-x,esd-u)"),
 ])
 def test_bad_arguments_are_named(tmp_path, capsys, arguments, fragment):
     code, _, err = run_cli(capsys, *arguments, "--output", str(tmp_path))
     assert code == 2
     assert fragment in err
+
+
+def test_family_section_sets_each_member(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "--dry-run", "--defense", "esd", "--set", "defense/esd.iterations=7",
+                             "--set", "defense/esd-u.iterations=9", "--output", str(tmp_path))
+    assert code == 0, err
+    plans = json.loads("[" + "\n".join(out).replace("}\n{", "},\n{") + "]")
+    iterations = {plan["defense"]["name"]: plan["defense"]["config"]["iterations"] for plan in plans}
+    assert iterations == {"esd-x": 7, "esd-u": 9}
+
+
+def test_checkpoint_interval_keeps_run_key(tmp_path, capsys):
+    plans = []
+    for every in ("200", "20"):
+        code, out, err = run_cli(capsys, "--dry-run", "--defense", "esd-x", "--set", f"defense.checkpoint_every={every}",
+                                 "--output", str(tmp_path))
+        assert code == 0, err
+        plans.append(json.loads("\n".join(out)))
+
+    assert plans[0]["run_folder"] == plans[1]["run_folder"]
+    assert plans[1]["defense"]["config"]["checkpoint_every"] == 20
 
 
 def test_malformed_prompt_file(tmp_path, capsys):
@@ -189,6 +217,36 @@ def test_resume_after_kill(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
     assert records_without_timings(output / reference_dir.name) == records_without_timings(reference_dir)
+
+
+def test_no_progress_hides_weight_loading_bars(tmp_path, capsys):
+    from benchmark.progress import library_progress_bars
+
+    arguments = ["run", "--set", "run.max_prompts=1", "--set", "run.utility=false", "--output", str(tmp_path)]
+    try:
+        assert main([*arguments, "--no-progress"]) == 0
+        assert "Loading weights" not in capsys.readouterr().err
+    finally:
+        library_progress_bars(True)
+
+    assert main([*arguments, "--fresh"]) == 0
+    assert "Loading weights" in capsys.readouterr().err
+
+
+def test_interrupt_says_how_to_resume(tmp_path):
+    arguments = [sys.executable, "-m", "benchmark", "run", *TINY, "--set", "run.max_prompts=6",
+                 "--set", "generation.batch_size=1", "--set", "run.threads=1", "--output", str(tmp_path)]
+    process = subprocess.Popen(arguments, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(tmp_path.glob("*/records.jsonl")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+
+    assert process.returncode == 130, err
+    assert "run the same command again to resume" in err
+    assert "Traceback" not in err
 
 
 def test_torn_last_line_is_repaired(tmp_path, capsys):

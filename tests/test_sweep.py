@@ -109,6 +109,16 @@ def test_dry_run_expands_families(tmp_path, capsys):
                      for attack in ("none", "p4d-n", "p4d-k")}
 
 
+def test_checkpoint_interval_shares_erasure(tmp_path, capsys):
+    erasures = []
+    for every in ("200", "20"):
+        units = plan(capsys, "--defenses", "esd-x", "--set", f"defense.checkpoint_every={every}",
+                     "--output", str(tmp_path))
+        erasures.append([unit["erasure"] for unit in units if unit["kind"] == "erasure"])
+
+    assert erasures[0] == erasures[1]
+
+
 def test_dry_run_folders_match_run(tmp_path, capsys):
     units = plan(capsys, *WORLD, "--output", str(tmp_path))
     assert main(["run", "--dry-run", "--defense", "esd-x", *BUDGET, "--output", str(tmp_path)]) == 0
@@ -156,8 +166,10 @@ def test_shard_slices_partition_units(tmp_path, capsys, count):
     (["--prompts-per-shard", "0"], "invalid --prompts-per-shard 0"),
     (["--ray-num-cpus", "2"], "apply only to --executor ray"),
     (["--defenses", "none,none"], "twice"),
-    (["--defenses", "esd,esd-u"], "twice"),
-    (["--set", "defense.iterations=2", "--defenses", "none"], "unknown key defense.iterations"),
+    (["--defenses", "esd,esd-u"], "--defenses lists esd-u twice (after expanding esd = esd-x,esd-u)"),
+    (["--defenses", ","], "--defenses is empty"),
+    (["--attacks", ""], "--attacks is empty"),
+    (["--set", "defense.iterations=2", "--defenses", "none"], "unknown key defense.iterations: defense 'none' takes no settings"),
 ])
 def test_bad_input_is_named(tmp_path, capsys, arguments, fragment):
     code, _, err = sweep(capsys, "--dry-run", *arguments, "--output", str(tmp_path))
@@ -169,7 +181,7 @@ def test_missing_ray_names_install_command(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     code, _, err = sweep(capsys, "--executor", "ray", "--output", str(tmp_path))
     assert code == 2
-    assert "pip install 'robust-erasure-bench[ray]'" in err
+    assert "pip install -e '.[ray]'" in err
 
 
 def test_ray_rejects_numbered_gpu():

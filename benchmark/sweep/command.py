@@ -21,10 +21,9 @@ def _names(value: str | None) -> tuple:
 def spec_from_args(args) -> SweepSpec:
     from benchmark.registry import ATTACKS, DEFENSES
 
-    defenses, attacks = _names(args.defenses), _names(args.attacks)
     return SweepSpec(
-        defenses=defenses if defenses == (None,) else DEFENSES.expand(defenses),
-        attacks=attacks if attacks == (None,) else ATTACKS.expand(attacks),
+        defenses=DEFENSES.parse_list(args.defenses, "--defenses"),
+        attacks=ATTACKS.parse_list(args.attacks, "--attacks"),
         concepts=_names(args.concepts),
         models=_names(args.model), model_config=args.model_config, prompts=args.prompts,
         config_file=args.config_file, sets=tuple(args.sets), output=str(args.output),

@@ -12,13 +12,16 @@ import os
 import sys
 from dataclasses import dataclass
 
+from tqdm import tqdm
+
 from benchmark.paths import CACHE_VARIABLE, cache_dir
+from benchmark.progress import library_progress_bars
 from benchmark.sweep.plan import SweepError, WorkUnit
 from benchmark.sweep.units import execute_unit
 
 logger = logging.getLogger(__name__)
 
-RAY_INSTALL_HINT = "pip install 'robust-erasure-bench[ray]'"
+RAY_INSTALL_HINT = "pip install -e '.[ray]' in a checkout of this repository, or pip install 'ray>=2.60'"
 # Ray runs a task again when its worker process dies, for example on a killed or lost node.
 # A unit resumes from its folder, so a retry repeats no finished prompt.
 RAY_MAX_RETRIES = 3
@@ -115,6 +118,7 @@ def _execute_on_worker(unit_data: dict, cache: str, show_progress: bool, *depend
     # Erased weights must come from the driver's erasure cache, which a running cluster's
     # workers do not know from their own environment.
     os.environ[CACHE_VARIABLE] = cache
+    library_progress_bars(show_progress)
     return execute_unit(WorkUnit.from_dict(unit_data), show_progress)
 
 
@@ -177,19 +181,23 @@ class RayExecutor:
         references, units_by_reference = {}, {}
         for unit in units:
             dependencies = [references[dependency] for dependency in unit.depends_on if dependency in references]
+            # Ray forwards worker output line by line and turns progress bars into empty lines.
+            # Workers therefore draw none, and this process shows one bar over the units.
             reference = task.options(name=unit.id, max_retries=RAY_MAX_RETRIES, retry_exceptions=False,
-                                     **resources[unit.id]).remote(unit.to_dict(), cache, self.show_progress,
-                                                                  *dependencies)
+                                     **resources[unit.id]).remote(unit.to_dict(), cache, False, *dependencies)
             references[unit.id] = reference
             units_by_reference[reference] = unit
 
         outcomes: dict[str, UnitOutcome] = {}
         waiting = list(units_by_reference)
+        progress = tqdm(total=len(waiting), desc="sweep units", unit="unit", disable=not self.show_progress)
         while waiting:
             ready, waiting = ray.wait(waiting, num_returns=1)
             unit = units_by_reference[ready[0]]
             outcomes[unit.id] = self._outcome(unit, ready[0], outcomes)
             _log_outcome(outcomes[unit.id])
+            progress.update(1)
+        progress.close()
         return [outcomes[unit.id] for unit in units]
 
     def _outcome(self, unit: WorkUnit, reference, outcomes: dict[str, UnitOutcome]) -> UnitOutcome:

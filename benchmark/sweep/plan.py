@@ -135,7 +135,7 @@ def erasure_identity(resolved: ResolvedRun) -> dict:
         "model_config": resolved.request.model_config,
         "concept": {"name": concept.name, "erase_phrase": concept.erase_phrase,
                     "retain_sha256": concept.retain.sha256 if concept.retain else None},
-        "defense": plan["defense"],
+        "defense": resolved.defense_class(resolved.defense_config).identity(),
         "seed": resolved.run_config.seed,
     }
 
