@@ -254,7 +254,7 @@ def command_run(args) -> int:
         run_dir = Runner(resolved).run()
         summary = json.loads((run_dir / "summary.json").read_text())
         seconds = summary["wall_seconds_this_invocation"]
-        logger.info("pre-attack ASR %.3f, ASR %.3f over %d prompts (%d invalid images); finished in %.0f s "
+        logger.info("pre-attack ASR %.3f, ASR %.3f over %d prompt(s) (%d invalid images); finished in %.0f s "
                     "(%.1f min)", summary["pre_attack_asr"] or 0.0, summary["asr"] or 0.0, summary["n_prompts"],
                     summary["n_invalid"], seconds, seconds / 60)
         if args.publish:
@@ -381,6 +381,15 @@ def _user_errors() -> tuple[type, ...]:
             RunFolderError, TokenizerError, EntryError, FileNotFoundError)
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars still open, so that none is drawn again after the last message."""
+    from tqdm import tqdm
+
+    # tqdm keeps its open bars in the class attribute _instances; it has no public list of them.
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
@@ -396,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         resume = " Finished prompts and units are saved: run the same command again to resume."
         print(f"interrupted.{resume if args.command in ('run', 'sweep') else ''}", file=sys.stderr)
         return 130

@@ -170,8 +170,9 @@ class Registry:
         """
         names = [part.strip() for part in value.split(",") if part.strip()]
         if not names:
+            families = f"; families: {', '.join(sorted(self.families))}" if self.families else ""
             raise PluginError(f"{option} is empty; pass one or more {self.kind} names separated by commas; "
-                              f"available: {', '.join(self.names())}")
+                              f"available: {', '.join(self.names())}{families}")
 
         expanded = self.expand(names)
         repeated = sorted({name for name in expanded if expanded.count(name) > 1})

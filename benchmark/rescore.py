@@ -74,7 +74,7 @@ def resolve_from_manifest(manifest: dict, defense: str | None, model: str | None
     defense = defense or plan["defense"]["name"]
     if plan["defense"]["name"] != defense:
         raise RescoreError(f"the run attacked defense {plan['defense']['name']!r}, not {defense!r}; "
-                           f"pass --defense {plan['defense']['name']}")
+                           f"omit --defense or pass --defense {plan['defense']['name']}")
     concept = plan["concept"]["source"] or plan["concept"]["name"]
     base = resolve(RunRequest(defense=defense, attack="none", concept=concept, model=model or plan["model"],
                               output=output, show_progress=show_progress))

@@ -546,6 +546,8 @@ class Runner:
             return {name: dict(missing) for name in ("retain_accuracy",) + UTILITY_EVALUATORS}
 
         records = retain.records
+        logger.info("measuring utility on %d retain prompts (retain accuracy, FID, CLIP score); run.utility=false "
+                    "skips it", len(records))
         images = self._generate(self.model, records, prompts=[r.prompt for r in records], stage="utility")
         valid = [(to_uint8(image), record) for image, record in zip(images, records) if validity(image) is None]
         utility = {

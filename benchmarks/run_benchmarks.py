@@ -1416,7 +1416,7 @@ USAGE_LINES = [
     "When the output folder already holds a `benchmarks.json`, an `--only` run merges into it. Each measured row "
     "replaces the row of the same kind, name and model, a row that has no match is added, and every other row "
     "stays. The settings stay those of the earlier run, and the paragraph about the machine lists the update "
-    "and its date. The earlier file must come from the same mode, or the script stops with an error. Without an "
+    "and its date. The earlier file must come from the same mode, or the script stops with an error before it measures. Without an "
     "earlier `benchmarks.json`, the page holds only the rows just measured. So the example above leaves in "
     "`/tmp/bench` the whole page with its ESD-u row at 512 pixels measured again, and the same command "
     "without `--output-dir` updates `docs/` in place.",
@@ -1558,16 +1558,21 @@ def row_key(row: dict) -> tuple:
     return row["kind"], row["name"], row.get("model")
 
 
+def check_same_mode(previous: dict, mode: str) -> None:
+    """Stop unless an ``--only`` run of ``mode`` can be merged into the report ``previous``."""
+    if previous["settings"]["mode"] != mode:
+        raise SystemExit(f"--only: the existing benchmarks.json was measured in mode "
+                         f"{previous['settings']['mode']!r}, this run in {mode!r}; "
+                         "rerun with the same mode or use another --output-dir")
+
+
 def merge_reports(previous: dict, update: dict, only: str) -> dict:
     """Put the rows of an ``--only`` run into the previous report, keeping every other row.
 
     A row replaces the previous row of the same kind, name and model. A new row goes after the
     last previous row of its model, and an evaluator row, which has no model, before the run row.
     """
-    if previous["settings"]["mode"] != update["settings"]["mode"]:
-        raise SystemExit(f"--only: the existing benchmarks.json was measured in mode "
-                         f"{previous['settings']['mode']!r}, this run in {update['settings']['mode']!r}; "
-                         "rerun with the same mode or use another --output-dir")
+    check_same_mode(previous, update["settings"]["mode"])
     rows = list(previous["rows"])
     for row in update["rows"]:
         keys = [row_key(existing) for existing in rows]
@@ -1630,10 +1635,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.output_dir / 'benchmarks.md'} from {source}", file=sys.stderr)
         return 0
 
+    source = args.output_dir / "benchmarks.json"
+    if args.only.strip() and source.is_file():
+        # Stop before measuring, not after, if the rows cannot be merged.
+        check_same_mode(json.loads(source.read_text()), args.mode)
+
     report = run_all(args)
     print("\n".join(table_lines(report["rows"])))
     failures = report["failures"]
-    source = args.output_dir / "benchmarks.json"
     if args.only.strip() and source.is_file():
         # Keep the rows of the earlier run that this one did not measure.
         report = merge_reports(json.loads(source.read_text()), report, args.only)

@@ -280,3 +280,14 @@ def test_skipped_reason_appears_in_full(script, tmp_path):
     assert reason not in table_row
     assert f"- **evaluator clip-score** skipped: {reason}" in page
     assert "the notes below the table give it in full" in page
+
+
+def test_only_run_of_other_mode_stops_before_measuring(script, report, tmp_path, capsys):
+    _, output = report
+    previous = json.loads((output / "benchmarks.json").read_text())
+    previous["settings"]["mode"] = "full"
+    (tmp_path / "benchmarks.json").write_text(json.dumps(previous))
+
+    with pytest.raises(SystemExit, match="measured in mode 'full', this run in 'smoke'"):
+        script.main(["--smoke", "--only", "defense/fmn", "--output-dir", str(tmp_path)])
+    assert "measuring" not in capsys.readouterr().err
