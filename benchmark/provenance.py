@@ -42,14 +42,32 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def cpu_model() -> str | None:
+    """Return the CPU's model name from /proc/cpuinfo, or None where that file does not exist (macOS, Windows)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else None
+
+
 def environment() -> dict:
+    """Versions, commit and machine of a result.
+
+    The CPU model and the vector instructions torch uses on it (``cpu_capability``, e.g. AVX2 or
+    AVX512) are recorded because float rounding in CPU kernels can depend on the processor. A
+    training or an attack amplifies such differences, so CPU runs on different processors may
+    differ.
+    """
     import torch
 
     return {
         "suite_version": suite_version(),
         "git_sha": git_sha(),
         "libraries": library_versions(),
-        "machine": {"platform": platform.platform(), "processor": platform.machine(),
+        "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpu": cpu_model(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "torch_threads": torch.get_num_threads(),
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
     }

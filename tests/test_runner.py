@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmark.cli import main
 
@@ -55,6 +56,7 @@ def test_full_run_writes_complete_folder(tmp_path, capsys):
     assert set(manifest["model"]["base_sha256"]) == {"text_encoder", "unet", "vae"}
     assert manifest["evaluator"]["weights_sha256"]
     assert manifest["environment"]["libraries"]["torch"]
+    assert manifest["environment"]["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert (run_dir / "grid.png").is_file()
 
 
