@@ -112,7 +112,7 @@ FULL_SIZE_REPEATS = Repeats(floor_warmup=1, floor_repeats=3, timed_steps=3, shor
 # forward and backward pass takes about 20 s on one CPU thread, so only the attack steps and ESD-u
 # are measured. Each gets one floor sample per pass kind, two timed steps, and two pairs of runs of
 # 1 and 2 iterations. ESD-u's Adam update over 813 M parameters is the defense cost that does not
-# shrink with the resolution. Its row alone takes about 30 minutes and peaks near 19 GiB of memory.
+# shrink with the resolution. Its row alone takes about 35 minutes and peaks near 19 GiB of memory.
 REFERENCE_RESOLUTION = 512
 FULL_SIZE_AT_REFERENCE = f"{FULL_SIZE_MODEL}@{REFERENCE_RESOLUTION}"
 REFERENCE_RESOLUTION_TASKS = {("attack", name) for name in ATTACKS} | {("defense", "esd-u")}
@@ -1278,9 +1278,13 @@ def table_lines(rows: list[dict], full_reasons: bool = True) -> list[str]:
 
 
 def machine_description() -> dict:
+    from benchmark.provenance import cpu_model
+
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -1440,7 +1444,8 @@ def write_page(report: dict, output_dir: Path) -> None:
         "",
         *([smoke_note(settings["models"]), ""] if settings["mode"] == "smoke" else []),
         f"Measured on {report['date']} on {machine['platform']} ({machine['processor']}, "
-        f"{machine['cpu_count']} CPUs), Python {machine['python']}, torch {machine['torch']}, with one torch "
+        + (f"{machine['cpu']} with torch's {machine['cpu_capability']} kernels, " if machine.get("cpu") else "")
+        + f"{machine['cpu_count']} CPUs), Python {machine['python']}, torch {machine['torch']}, with one torch "
         "thread for every measurement. Other jobs shared the machine, so absolute times are noisy. Each ratio "
         "compares numbers measured in the same process, and a step's floor is timed right after the step."
         + "".join(f" {'Rows' if ',' in update['only'] else 'Row'} "

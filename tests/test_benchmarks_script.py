@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from benchmark.provenance import cpu_model
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "run_benchmarks.py"
 MEASURED_EVERYWHERE = {"attack", "defense", "generation", "batched-attack"}
@@ -129,6 +132,8 @@ def test_page_lists_machine_and_table(report):
     assert ("| model | measurement | measured | baseline | ratio | ratio with text encoder | target | result "
             "| peak RSS |") in page
     assert "tiny-random" in page
+    if cpu_model():
+        assert f"{cpu_model()} with torch's {torch.backends.cpu.get_cpu_capability()} kernels" in page
 
 
 def test_model_label_with_resolution(script):
