@@ -221,7 +221,7 @@ def command_rescore(args) -> int:
 
 
 def command_run(args) -> int:
-    from benchmark.runner import Runner, RunRequest, resolve
+    from benchmark.runner import Runner, RunRequest, log_reduced_budgets, reduced_budget_sections, resolve
 
     from benchmark.registry import ATTACKS, DEFENSES
 
@@ -250,7 +250,7 @@ def command_run(args) -> int:
     for resolved in resolved_cells:
         logger.info("running %s on %s (defense %s, attack %s, %d prompts)", resolved.concept.name,
                     resolved.model_name, resolved.defense_class.name, resolved.attack_class.name, len(resolved.records))
-        _log_budgets(resolved)
+        log_reduced_budgets(resolved.model_name, reduced_budget_sections(resolved))
         run_dir = Runner(resolved).run()
         summary = json.loads((run_dir / "summary.json").read_text())
         seconds = summary["wall_seconds_this_invocation"]
@@ -274,19 +274,6 @@ def command_sweep(args) -> int:
     except SweepError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-
-
-def _log_budgets(resolved) -> None:
-    """Say which methods run with the model's reduced budget instead of the reference one."""
-    from benchmark.runner import model_budgets
-
-    budgets = model_budgets(resolved.model_name)
-    sections = [f"defense/{resolved.defense_class.name}", f"attack/{resolved.attack_class.name}"]
-    reduced = [section for section in sections if section in budgets]
-    if reduced:
-        logger.info("model %s sets reduced budgets for %s (its budgets.yaml), sized for a 2-core CPU: with them "
-                    "advunlearn against unlearndiffatk finishes in 10 minutes or less. The reference budgets apply "
-                    "on SD v1.4, and --set overrides either", resolved.model_name, ", ".join(reduced))
 
 
 def command_list(args) -> int:

@@ -201,6 +201,21 @@ def model_budgets(model_name: str) -> dict:
     return budgets() if callable(budgets) else {}
 
 
+def reduced_budget_sections(resolved: ResolvedRun) -> list[str]:
+    """Return the sections of the run's defense and attack that the model's budgets replace."""
+    budgets = model_budgets(resolved.model_name)
+    sections = [f"defense/{resolved.defense_class.name}", f"attack/{resolved.attack_class.name}"]
+    return [section for section in sections if section in budgets]
+
+
+def log_reduced_budgets(model_name: str, sections) -> None:
+    """Say which methods run with the model's reduced budget instead of the reference one."""
+    if sections:
+        logger.info("model %s sets reduced budgets for %s (its budgets.yaml), sized for a 2-core CPU: with them "
+                    "advunlearn against unlearndiffatk finishes in 10 minutes or less. The reference budgets apply "
+                    "on SD v1.4, and --set overrides either", model_name, ", ".join(sections))
+
+
 def config_layers(request: RunRequest, concept: Concept, model_name: str) -> list[dict]:
     """Return the config layers of a run, earliest first: the model's budgets, the concept's
     overrides and evaluator settings, ``--config``, then ``--set``."""

@@ -109,6 +109,12 @@ def test_dry_run_expands_families(tmp_path, capsys):
                      for attack in ("none", "p4d-n", "p4d-k")}
 
 
+def test_dry_run_logs_reduced_budgets(tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    plan(capsys, "--defenses", "esd-x", "--attacks", "none,unlearndiffatk", "--output", str(tmp_path))
+    assert "model world sets reduced budgets for defense/esd-x, attack/unlearndiffatk" in caplog.text
+
+
 def test_checkpoint_interval_shares_erasure(tmp_path, capsys):
     erasures = []
     for every in ("200", "20"):

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmark.runner import ResolvedRun, RunRequest, resolve
+from benchmark.runner import ResolvedRun, RunRequest, log_reduced_budgets, reduced_budget_sections, resolve
 
 ERASURE = "erasure"
 PROMPTS = "prompts"
@@ -160,10 +160,13 @@ def plan_sweep(spec: SweepSpec, working_dir: str | Path | None = None) -> list[W
     erasures: dict[str, WorkUnit] = {}
     prompt_units: list[WorkUnit] = []
     merges: list[WorkUnit] = []
+    reduced: dict[str, list[str]] = {}
 
     for request in cell_requests(spec):
         resolved = resolve(request)
         folder_name = resolved.folder_name()
+        sections = reduced.setdefault(resolved.model_name, [])
+        sections += [section for section in reduced_budget_sections(resolved) if section not in sections]
         common = {
             "request": _request_fields(request),
             "working_dir": working_dir,
@@ -188,6 +191,8 @@ def plan_sweep(spec: SweepSpec, working_dir: str | Path | None = None) -> list[W
 
     units = list(erasures.values()) + prompt_units + merges
     _check_unique(units)
+    for model_name, sections in reduced.items():
+        log_reduced_budgets(model_name, sections)
     return units
 
 
