@@ -669,6 +669,7 @@ def world_base_rates(tmp_path_factory):
 @NEEDS_WORLD
 @pytest.mark.slow
 @pytest.mark.parametrize("defense", ["esd-u", "advunlearn"])
+# TODO: esd-u fails on an AVX2 AMD EPYC (circle rate 0.26); the world budget was sized on another CPU.
 def test_world_circle_is_erased(defense, world_base_rates, tmp_path):
     base_circle, base_retain = world_base_rates
     circle_rate, retain = world_rates(defense, tmp_path)
@@ -695,6 +696,7 @@ def unlearndiffatk_summary(defense, output, settings=None):
 
 @NEEDS_WORLD
 @pytest.mark.slow
+# TODO: fails on an AVX2 AMD EPYC by one prompt (ESD-x 0.60, AdvUnlearn 0.35 against a limit of 0.30).
 def test_advunlearn_resists_unlearndiffatk_better_than_esd(tmp_path):
     from benchmark.selftest import vulnerable_defense
 
