@@ -22,8 +22,10 @@ def _add_run_parser(commands) -> None:
         description="Run defense x attack cells on a concept. Without --model and --concept this runs the "
                     "embedded default world and its default concept. Comma-separated lists run every combination.",
     )
-    parser.add_argument("--defense", default="none", help="defense name(s), e.g. advunlearn or none,esd-x; the family esd stands for esd-x,esd-u")
-    parser.add_argument("--attack", default="none", help="attack name(s), e.g. unlearndiffatk or none,p4d-n; the family p4d stands for p4d-n,p4d-k")
+    parser.add_argument("--defense", default="none",
+                        help="defense name(s), e.g. advunlearn or none,esd-x; the family esd stands for esd-x,esd-u")
+    parser.add_argument("--attack", default="none",
+                        help="attack name(s), e.g. unlearndiffatk or none,p4d-n; the family p4d stands for p4d-n,p4d-k")
     parser.add_argument("--concept", help="concept name or concept YAML file (default: the default world's circle)")
     parser.add_argument("--model", help="registered model, local diffusers folder, .ckpt/.safetensors file or "
                                         "cached Hugging Face id (default: the concept's model)")
@@ -221,9 +223,8 @@ def command_rescore(args) -> int:
 
 
 def command_run(args) -> int:
-    from benchmark.runner import Runner, RunRequest, log_reduced_budgets, reduced_budget_sections, resolve
-
     from benchmark.registry import ATTACKS, DEFENSES
+    from benchmark.runner import Runner, RunRequest, log_reduced_budgets, reduced_budget_sections, resolve
 
     cells = list(itertools.product(DEFENSES.parse_list(args.defense, "--defense"),
                                    ATTACKS.parse_list(args.attack, "--attack")))
@@ -372,7 +373,7 @@ def _close_progress_bars() -> None:
     """Close the progress bars still open, so that none is drawn again after the last message."""
     from tqdm import tqdm
 
-    # tqdm keeps its open bars in the class attribute _instances; it has no public list of them.
+    # tqdm has no public list of its open bars, so this reads its class attribute _instances.
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
 

@@ -33,7 +33,7 @@ class Plugin:
         return {"name": self.name, "version": self.version, "config": config_to_dict(self.config)}
 
     def identity(self) -> dict[str, Any]:
-        """``describe()`` without the config fields that cannot change results; cache keys hash this."""
+        """Return ``describe()`` without the config fields that cannot change results. Cache keys hash this."""
         return {"name": self.name, "version": self.version, "config": identity_settings(self.config)}
 
 

@@ -53,7 +53,7 @@ def cpu_model() -> str | None:
 
 
 def environment() -> dict:
-    """Versions, commit and machine of a result.
+    """Return the versions, commit and machine of a result.
 
     The CPU model and the vector instructions torch uses on it (``cpu_capability``, e.g. AVX2 or
     AVX512) are recorded because float rounding in CPU kernels can depend on the processor. A

@@ -151,16 +151,21 @@ class Registry:
                 entry.loaded = entry.target
         return entry.loaded
 
-    def expand(self, names) -> tuple[str, ...]:
-        """Replace each family name in ``names`` by its members, in order; repeats are kept.
-
-        A registered plug-in name is never expanded, even if a family has the same name.
-        """
+    def is_family(self, name: str) -> bool:
+        """Return whether ``name`` is a family name. A registered plug-in of the same name takes precedence."""
         self._scan_entry_points()
+        return name in self.families and name not in self._entries
+
+    def closest(self, name: str) -> str | None:
+        """Return the registered name closest to a misspelt ``name``, or None if none is close."""
+        close = difflib.get_close_matches(name, self.names(), n=1)
+        return close[0] if close else None
+
+    def expand(self, names) -> tuple[str, ...]:
+        """Replace each family name in ``names`` by its members, in order. Repeats are kept."""
         expanded: list[str] = []
         for name in names:
-            is_family = name in self.families and name not in self._entries
-            expanded.extend(self.families[name] if is_family else (name,))
+            expanded.extend(self.families[name] if self.is_family(name) else (name,))
         return tuple(expanded)
 
     def parse_list(self, value: str, option: str) -> tuple[str, ...]:
@@ -177,8 +182,7 @@ class Registry:
         expanded = self.expand(names)
         repeated = sorted({name for name in expanded if expanded.count(name) > 1})
         if repeated:
-            families = [f"{name} = {','.join(self.families[name])}" for name in names
-                        if name in self.families and name not in self._entries]
+            families = [f"{name} = {','.join(self.families[name])}" for name in names if self.is_family(name)]
             via = f" (after expanding {'; '.join(families)})" if families else ""
             raise PluginError(f"{option} lists {', '.join(repeated)} twice{via}; remove the repeated name")
         return expanded
@@ -195,9 +199,9 @@ class Registry:
         if name in self.families:
             members = ", ".join(self.families[name])
             return message + f". {name!r} is a family name ({members}): pass one of them"
-        close = difflib.get_close_matches(name, valid, n=1)
+        close = self.closest(name)
         if close:
-            message += f". Did you mean {close[0]!r}?"
+            message += f". Did you mean {close!r}?"
         return message
 
 

@@ -63,7 +63,7 @@ def load_artifacts(folder: Path) -> list[dict]:
 
 def resolve_from_manifest(manifest: dict, defense: str | None, model: str | None, output: Path,
                           show_progress: bool = False):
-    """Rebuild the run's resolved components from its manifest; the attack becomes ``none``.
+    """Rebuild the run's resolved components from its manifest. The attack becomes ``none``.
 
     ``defense`` None means the run's defense; any other name must equal it.
     """
@@ -147,7 +147,7 @@ def _compare(rescored: list[dict], run_records: list[dict]) -> list[dict]:
 
 def rescore(path: str | Path, defense: str | None = None, model: str | None = None, concept: str | None = None,
             sets: list[str] | None = None, output: Path = Path("runs"), show_progress: bool = False) -> dict:
-    """Rescore every artifact under ``path``; return the ASRs, the run's ASRs and every difference.
+    """Rescore every artifact under ``path`` and return the ASRs, the run's ASRs and every difference.
 
     ``show_progress`` shows progress bars (on stderr) for a defense that has to run again and for the artifacts.
     """

@@ -10,7 +10,6 @@ metrics that are available, and the time spent in each stage.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import logging
@@ -187,8 +186,8 @@ def _check_sections(layers: dict) -> None:
 
         registry = registry_for(kind)
         if name not in registry and name not in registry.families:
-            close = difflib.get_close_matches(name, registry.names(), n=1)
-            hint = f"; did you mean {kind}/{close[0]}?" if close else ""
+            close = registry.closest(name)
+            hint = f"; did you mean {kind}/{close}?" if close else ""
             raise ConfigError(f"unknown config section {section!r}: no {kind} is named {name!r}; valid names: "
                               f"{', '.join(registry.names() + sorted(registry.families))}{hint}")
 
@@ -577,7 +576,7 @@ class Runner:
             metric.setdefault("n_invalid", len(records) - len(valid))
             metric.setdefault("prompt_set_sha256", retain.sha256)
             if metric["status"] == "unavailable":
-                logger.warning("utility metric %s is unavailable and is recorded as such: %s", name, metric["reason"])
+                logger.warning("utility metric %s is unavailable: %s", name, metric["reason"])
         cached.write_text(json.dumps(utility, indent=2, sort_keys=True))
         return utility
 

@@ -287,7 +287,7 @@ def test_skipped_reason_appears_in_full(script, tmp_path):
     assert "the notes below the table give it in full" in page
 
 
-def test_only_run_of_other_mode_stops_before_measuring(script, report, tmp_path, capsys):
+def test_other_mode_stops_before_measuring(script, report, tmp_path, capsys):
     _, output = report
     previous = json.loads((output / "benchmarks.json").read_text())
     previous["settings"]["mode"] = "full"

@@ -133,11 +133,23 @@ def test_bad_arguments_are_named(tmp_path, capsys, arguments, fragment):
     assert fragment in err
 
 
+def json_objects(text: str) -> list[dict]:
+    """Parse the JSON objects that --dry-run prints one after another, one per cell."""
+    decoder, objects, position = json.JSONDecoder(), [], 0
+    while position < len(text):
+        value, end = decoder.raw_decode(text, position)
+        objects.append(value)
+        position = end
+        while position < len(text) and text[position].isspace():
+            position += 1
+    return objects
+
+
 def test_family_section_sets_each_member(tmp_path, capsys):
     code, out, err = run_cli(capsys, "--dry-run", "--defense", "esd", "--set", "defense/esd.iterations=7",
                              "--set", "defense/esd-u.iterations=9", "--output", str(tmp_path))
     assert code == 0, err
-    plans = json.loads("[" + "\n".join(out).replace("}\n{", "},\n{") + "]")
+    plans = json_objects("\n".join(out))
     iterations = {plan["defense"]["name"]: plan["defense"]["config"]["iterations"] for plan in plans}
     assert iterations == {"esd-x": 7, "esd-u": 9}
 

@@ -110,16 +110,20 @@ def ray_resources(unit: WorkUnit) -> dict:
     return {"num_cpus": max(1, unit.threads)}
 
 
-def _execute_on_worker(unit_data: dict, cache: str, show_progress: bool, *dependencies) -> dict:
-    """Run one unit as a Ray task. ``dependencies`` are the results of the units it waits for."""
+def _execute_on_worker(unit_data: dict, cache: str, *dependencies) -> dict:
+    """Run one unit as a Ray task. ``dependencies`` are the results of the units it waits for.
+
+    Ray forwards worker output line by line and turns progress bars into empty lines, so workers
+    draw none. The driver shows one bar over the units instead.
+    """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # Erased weights must come from the driver's erasure cache, which a running cluster's
     # workers do not know from their own environment.
     os.environ[CACHE_VARIABLE] = cache
-    library_progress_bars(show_progress)
-    return execute_unit(WorkUnit.from_dict(unit_data), show_progress)
+    library_progress_bars(False)
+    return execute_unit(WorkUnit.from_dict(unit_data), show_progress=False)
 
 
 class RayExecutor:
@@ -181,10 +185,8 @@ class RayExecutor:
         references, units_by_reference = {}, {}
         for unit in units:
             dependencies = [references[dependency] for dependency in unit.depends_on if dependency in references]
-            # Ray forwards worker output line by line and turns progress bars into empty lines.
-            # Workers therefore draw none, and this process shows one bar over the units.
             reference = task.options(name=unit.id, max_retries=RAY_MAX_RETRIES, retry_exceptions=False,
-                                     **resources[unit.id]).remote(unit.to_dict(), cache, False, *dependencies)
+                                     **resources[unit.id]).remote(unit.to_dict(), cache, *dependencies)
             references[unit.id] = reference
             units_by_reference[reference] = unit
 
