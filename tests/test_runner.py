@@ -248,9 +248,10 @@ def test_no_progress_hides_weight_loading_bars(tmp_path, capsys):
 
 
 def test_interrupt_says_how_to_resume(tmp_path):
-    # Progress bars stay on, so that the message has to come after them.
+    # Progress bars stay on, so that the message has to come after them. The 50 prompts take several
+    # seconds, so the interrupt lands while prompts are still running.
     arguments = [sys.executable, "-m", "benchmark", "run", "--model", "tiny-random", "--set", "run.utility=false",
-                 "--set", "run.max_prompts=6",
+                 "--set", "run.max_prompts=50",
                  "--set", "generation.batch_size=1", "--set", "run.threads=1", "--output", str(tmp_path)]
     process = subprocess.Popen(arguments, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
